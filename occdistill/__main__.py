@@ -1,0 +1,3 @@
+from occdistill.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""``occdistill <command>``: thin argument parsing over the library layers."""

@@ -1,0 +1,51 @@
+"""Entry point of the ``occdistill`` console script.
+
+Each command lives in its own module ``occdistill.cli.<name>`` exposing ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Command modules import the heavy layers (torch,
+datasets) inside ``run`` so that building the parser and ``--help`` stay fast. User errors (:class:`OccDistillError`) print one line
+and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from occdistill import __version__
+from occdistill.errors import OccDistillError
+
+# command name -> (module, one-line help). A closed table: adding a command is one line here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("occdistill.cli.demo", "run the main job on the built-in synthetic world"),
+    "synth": ("occdistill.cli.synth", "generate a synthetic dataset in the real on-disk formats"),
+    "viz": ("occdistill.cli.viz", "draw GT voxels over camera images and a BEV label map, per sample"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="occdistill", description="Camera-based 3D semantic occupancy, distilled.")
+    parser.add_argument("--version", action="version", version=f"occdistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except OccDistillError as exc:
+        print(f"occdistill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"occdistill {args.command}: interrupted", file=sys.stderr)
+        return 130

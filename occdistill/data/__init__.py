@@ -1,0 +1,1 @@
+"""Data layer: class tables, dataset readers, the Sample/Batch contract, augmentation, synthetic world."""

@@ -138,6 +138,11 @@ def test_project_unproject_round_trip_numpy_and_torch():
     pts = rng.uniform([-5, -5, 0.5], [5, 5, 40], size=(100, 3))
     uv, d = project(pts, ks)
     np.testing.assert_allclose(unproject(uv, d, ks), pts, atol=1e-9)
+    # Augmented intrinsics of a rotated image are not upper-triangular.
+    k_aug = rotate_matrix(17.0, (320, 180)) @ hflip_matrix(640) @ resize_matrix(0.5) @ ks
+    uv_aug, d_aug = project(pts, k_aug)
+    np.testing.assert_allclose(unproject(uv_aug, d_aug, k_aug), pts, atol=1e-9)
+    np.testing.assert_allclose(unproject(torch.from_numpy(uv_aug), torch.from_numpy(d_aug), torch.from_numpy(k_aug)).numpy(), pts, atol=1e-9)
     uv_t, d_t = project(torch.from_numpy(pts), torch.from_numpy(ks))
     np.testing.assert_allclose(uv_t.numpy(), uv, atol=1e-9)
     np.testing.assert_allclose(unproject(uv_t, d_t, torch.from_numpy(ks)).numpy(), pts, atol=1e-9)

@@ -17,6 +17,7 @@ by their tail (see :func:`resolve_data_path`). When ``scene_name`` is absent it 
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ import numpy as np
 from occdistill.errors import DataError
 from occdistill.geometry.transforms import check_rigid, invert_rigid, make_transform, transform_from_quat
 
-# Directory names under a nuScenes-style root that anchor a stored path's tail.
-_ANCHORS = ("samples", "sweeps", "gts", "semantic", "depth")
+# Directory names under a dataset root that anchor a stored path's tail (nuScenes-style roots and
+# Occ-ScanNet's ``posed_images``).
+_ANCHORS = ("samples", "sweeps", "gts", "semantic", "depth", "posed_images")
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def resolve_data_path(data_root: str | Path, stored: str) -> Path:
 
     Tries, in order: the path as given if absolute and existing; ``data_root/path``; then
     ``data_root/<tail>`` where the tail starts at the last anchor directory (samples, sweeps, gts,
-    semantic, depth). Returns the best candidate even if it does not exist, so that the caller's
+    semantic, depth, posed_images). Returns the best candidate even if it does not exist, so that the caller's
     error names a concrete path.
     """
     root = Path(data_root)
@@ -261,6 +263,26 @@ def parse_infos(obj: Any, source: str = "<infos>") -> tuple[list[dict], dict]:
     raise DataError(f"{source}: not an info file (expected 'infos' or 'data_list', found {keys})")
 
 
+def parse_frame(record: Any, where: str = "<record>", index: int = 0) -> FrameInfo:
+    """Parse one sample record (BEVDet / mmdet3d v1 dict, or mmdet3d >= 1.1 dict) into a FrameInfo.
+
+    Also the entry point for single records stored outside a pickle (e.g. a YAML dump of a BEVDet
+    info). ``where`` names the record in error messages; ``index`` is its position in its InfoSet.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a sample record must be a mapping, got {type(record).__name__}")
+    common, cams = (_parse_v2 if "lidar_points" in record else _parse_v1)(record, where)
+    occ = record.get("occ_path")
+    return FrameInfo(
+        index=index,
+        scene_name=_scene_name(record),
+        cameras=tuple(cams),
+        occ_path=normalize_path(occ) if occ else None,
+        raw=record,
+        **common,
+    )
+
+
 def load_infos(path: str | Path) -> InfoSet:
     """Load and validate an info pickle; frames are ordered by scene, then timestamp."""
     path = Path(path)
@@ -274,20 +296,16 @@ def load_infos(path: str | Path) -> InfoSet:
     records, metadata = parse_infos(obj, str(path))
     if not records:
         raise DataError(f"{path}: info file holds no samples")
-    parsed = []
-    for i, info in enumerate(records):
-        where = f"{path.name} sample {i} ({info.get('token', '?')})"
-        common, cams = (_parse_v2 if "lidar_points" in info else _parse_v1)(info, where)
-        occ = info.get("occ_path")
-        parsed.append((info, common, cams, normalize_path(occ) if occ else None))
+    parsed = [
+        parse_frame(info, f"{path.name} sample {i} ({info.get('token', '?') if isinstance(info, dict) else '?'})")
+        for i, info in enumerate(records)
+    ]
+    # Scenes keep the order of their first appearance; frames within a scene go by time.
     scene_rank: dict[str, int] = {}
-    for info, *_ in parsed:
-        scene_rank.setdefault(_scene_name(info), len(scene_rank))
-    parsed.sort(key=lambda r: (scene_rank[_scene_name(r[0])], r[1]["timestamp"]))
-    frames = tuple(
-        FrameInfo(index=i, scene_name=_scene_name(info), cameras=tuple(cams), occ_path=occ, raw=info, **common)
-        for i, (info, common, cams, occ) in enumerate(parsed)
-    )
+    for f in parsed:
+        scene_rank.setdefault(f.scene_name, len(scene_rank))
+    parsed.sort(key=lambda f: (scene_rank[f.scene_name], f.timestamp))
+    frames = tuple(dataclasses.replace(f, index=i) for i, f in enumerate(parsed))
     tokens = [f.token for f in frames]
     if len(set(tokens)) != len(tokens):
         dup = next(t for t in tokens if tokens.count(t) > 1)

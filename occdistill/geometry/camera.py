@@ -38,15 +38,19 @@ def project(points_cam: Array, intrinsic: Array, eps: float = 1e-6) -> tuple[Arr
 
 
 def unproject(uv: Array, depth: Array, intrinsic: Array) -> Array:
-    """Pixels (..., 2) with z-depth (...) -> points (..., 3) in the camera frame."""
-    fx, fy = intrinsic[0, 0], intrinsic[1, 1]
-    cx, cy = intrinsic[0, 2], intrinsic[1, 2]
-    skew = intrinsic[0, 1]
-    y = (uv[..., 1] - cy) / fy
-    x = (uv[..., 0] - cx - skew * y) / fx
+    """Pixels (..., 2) with z-depth (...) -> points (..., 3) in the camera frame.
+
+    ``intrinsic`` may be any invertible 3x3 whose last row is (0, 0, 1): augmented intrinsics
+    ``img_from_raw @ K`` of a rotated image are not upper-triangular, so the full inverse is used.
+    Differentiable for torch inputs.
+    """
+    k = intrinsic[:3, :3]
     if isinstance(uv, torch.Tensor):
-        return torch.stack([x * depth, y * depth, depth], dim=-1)
-    return np.stack([x * depth, y * depth, depth], axis=-1)
+        k_inv = torch.linalg.inv(k)
+        rays = uv @ k_inv[:, :2].T + k_inv[:, 2]  # (..., 3), z = 1 for a last row (0, 0, 1)
+        return rays * depth[..., None]
+    k_inv = np.linalg.inv(k)
+    return (uv @ k_inv[:, :2].T + k_inv[:, 2]) * depth[..., None]
 
 
 def resize_matrix(scale_x: float, scale_y: float | None = None) -> np.ndarray:

@@ -1,0 +1,412 @@
+"""Readers on hand-made worlds: a tiny street in the Occ3D-nuScenes layout and a tiny room in the
+Occ-ScanNet layout, each rendered here by brute-force ray marching through its labelled voxels
+(semantic map, z-depth, colour image), so that every pixel's content is known exactly.
+
+The central check projects every rendered pixel back into 3D through the Sample's augmented
+intrinsics, ``bda @ keyego_from_cam`` and its depth map, and compares the class of the voxel it
+lands in with the pixel's class: 100% without augmentation, >= 95% with augmentation, and well
+below that when any one matrix is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from occdistill.data.augment import BevAugConfig, ImageAugConfig
+from occdistill.data.classes import OCC3D_NUSCENES, OCC_SCANNET
+from occdistill.data.occ3d import Occ3DDataset
+from occdistill.data.occscannet import OccScanNetDataset, scannet_grid
+from occdistill.data.sample import Batch, Sample, collate
+from occdistill.errors import DataError
+from occdistill.geometry import VoxelGrid, invert_rigid, make_transform, rotmat_to_quat, transform_points, unproject
+from occdistill.geometry.camera import project
+
+FREE = OCC3D_NUSCENES.free_index
+STREET_GRID = VoxelGrid(range=(-8.0, -8.0, -1.0, 8.0, 8.0, 5.4), voxel_size=(0.4, 0.4, 0.4))
+
+
+# ---------------------------------------------------------------- brute-force rendering
+
+
+def raycast(grid: VoxelGrid, sem: np.ndarray, origin: np.ndarray, dirs: np.ndarray, empty: set[int],
+            step: float = 0.02, max_dist: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
+    """March rays (R, 3 unit) from ``origin``; -> (class of the first non-empty voxel or 255, distance or 0)."""
+    ts = np.arange(1, int(max_dist / step) + 1) * step
+    labels = np.full(len(dirs), 255, dtype=np.int64)
+    dist = np.zeros(len(dirs))
+    occupied_lut = np.ones(256, dtype=bool)
+    occupied_lut[list(empty)] = False
+    for s in range(0, len(dirs), 512):
+        pts = origin + dirs[s : s + 512, None, :] * ts[None, :, None]  # (r, T, 3)
+        idx, inside = grid.point_to_index(pts)
+        lab = sem[idx[..., 0], idx[..., 1], idx[..., 2]]
+        occ = inside & occupied_lut[lab]
+        hit = occ.any(axis=1)
+        first = occ.argmax(axis=1)
+        rows = np.nonzero(hit)[0]
+        labels[s + rows] = lab[rows, first[rows]]
+        # Report the middle of the ray's segment inside the hit voxel (slab intersection), so the
+        # depth stays inside that voxel after millimetre rounding.
+        vox = idx[rows, first[rows]]
+        lo = grid.lower + vox * grid.size
+        d = dirs[s + rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t0, t1 = (lo - origin) / d, (lo + grid.size - origin) / d
+        t_in = np.nanmax(np.minimum(t0, t1), axis=1)
+        t_out = np.nanmin(np.maximum(t0, t1), axis=1)
+        dist[s + rows] = (t_in + t_out) / 2
+    return labels, dist
+
+
+def render(grid, sem, frame_from_cam, k, size, empty):
+    """Per-pixel class (H, W) uint8 (255 = nothing hit), z-depth (H, W) float, for a camera whose
+    pose in the grid's frame is ``frame_from_cam``; rays through pixel centres."""
+    h, w = size
+    vs, us = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    dirs_cam = unproject(np.stack([us, vs], -1).reshape(-1, 2), np.ones(h * w), k)  # z = 1
+    norm = np.linalg.norm(dirs_cam, axis=1)
+    dirs = (dirs_cam / norm[:, None]) @ frame_from_cam[:3, :3].T
+    labels, dist = raycast(grid, sem, frame_from_cam[:3, 3], dirs, empty)
+    zdepth = dist / norm  # distance along a ray with z = 1 per unit -> z-depth
+    return labels.reshape(h, w).astype(np.uint8), zdepth.reshape(h, w)
+
+
+def colorize(sem_map: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[: len(palette)] = palette
+    pal[255] = (90, 140, 230)  # sky / nothing
+    return pal[sem_map]
+
+
+def cam_axes(yaw_deg: float, pitch_deg: float) -> np.ndarray:
+    """Rotation frame_from_cam of an OpenCV camera (x right, y down, z forward) looking along
+    ``yaw`` (about +z of a z-up frame) and pitched down by ``pitch``."""
+    base = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])  # cam z -> x, cam x -> -y, cam y -> -z
+    p = math.radians(pitch_deg)
+    pitch = np.array([[1, 0, 0], [0, math.cos(p), math.sin(p)], [0, -math.sin(p), math.cos(p)]])
+    y = math.radians(yaw_deg)
+    yaw = np.array([[math.cos(y), -math.sin(y), 0], [math.sin(y), math.cos(y), 0], [0, 0, 1]])
+    return yaw @ base @ pitch
+
+
+def consistency(sample: Sample, grid: VoxelGrid) -> float:
+    """Fraction of rendered pixels (depth > 0, class known) whose back-projected 3D point lands
+    in a voxel of the same class; points outside the grid are left out."""
+    agree = total = 0
+    ego_from_cam = sample.ego_from_cam.double().numpy()
+    k_aug = sample.aug_intrinsics.double().numpy()
+    sem = sample.semantics.numpy()
+    for n in range(len(sample.camera_names)):
+        d = sample.depth[n].double().numpy()
+        cls = sample.semantic_maps[n].numpy()
+        rows, cols = np.nonzero((d > 0) & (cls != 255))
+        pts = unproject(np.stack([cols + 0.5, rows + 0.5], -1), d[rows, cols], k_aug[n])
+        idx, inside = grid.point_to_index(transform_points(ego_from_cam[n], pts))
+        got = sem[idx[inside, 0], idx[inside, 1], idx[inside, 2]]
+        agree += int((got == cls[rows, cols][inside]).sum())
+        total += int(inside.sum())
+    assert total > 500, "too few rendered pixels to judge"
+    return agree / total
+
+
+# ---------------------------------------------------------------- the street world (Occ3D layout)
+
+
+def street_labels() -> np.ndarray:
+    g = STREET_GRID
+    sem = np.full(g.shape, FREE, dtype=np.uint8)
+    c = g.centers()
+    x, y, z = c[..., 0], c[..., 1], c[..., 2]
+    sem[:, :, 2] = OCC3D_NUSCENES.index("driveable_surface")  # z in [-0.2, 0.2): the ground layer
+    sem[(x > 4) & (x < 6) & (y > -1) & (y < 1.2) & (z > 0.2) & (z < 1.4)] = OCC3D_NUSCENES.index("car")
+    sem[(x > 2) & (x < 8) & (y > 3.2) & (y < 3.6) & (z > 0.2) & (z < 2.6)] = OCC3D_NUSCENES.index("manmade")
+    sem[(x > -4.4) & (x < -4.0) & (y > 0.8) & (y < 1.2) & (z > 0.2) & (z < 1.8)] = OCC3D_NUSCENES.index("pedestrian")
+    sem[(x > -7) & (x < -5.8) & (y > -3) & (y < 0) & (z > 0.2) & (z < 3.0)] = OCC3D_NUSCENES.index("truck")
+    return sem
+
+
+STREET_K = np.array([[100.0, 0, 80], [0, 100.0, 45], [0, 0, 1]])
+STREET_SIZE = (90, 160)
+EGO_FROM_LIDAR = make_transform(cam_axes(0, 0) @ cam_axes(0, 0).T @ np.array(
+    [[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]), [0.9, 0.0, 1.8])  # nuScenes LiDAR: yawed 90 deg, 1.8 m up
+# The camera-time ego pose differs from the keyframe's by 0.3 m, as on real data: rendering uses
+# the true key-ego camera pose, so a reader that skips the camera-time pose is off by 0.3 m.
+CAMERA_SHIFT = 0.3
+STREET_CAMS = {
+    "CAM_FRONT": make_transform(cam_axes(8.0, 12.0), [1.0, 0.1, 1.5]),
+    "CAM_BACK": make_transform(cam_axes(175.0, 10.0), [-1.0, 0.0, 1.5]),
+}
+
+
+def _quat_pose(t: np.ndarray, prefix: str) -> dict:
+    return {f"{prefix}_rotation": rotmat_to_quat(t[:3, :3]).tolist(), f"{prefix}_translation": t[:3, 3].tolist()}
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory) -> Path:
+    """Root with infos.pkl (BEVDet field names, Windows separators), two scenes of 2 + 1 frames
+    sharing one rendered world, labels, LiDAR sweeps, semantic and depth PNGs."""
+    root = tmp_path_factory.mktemp("street")
+    sem = street_labels()
+    rng = np.random.default_rng(0)
+    mask_lidar = rng.uniform(size=sem.shape) < 0.7
+    renders = {}
+    for name, egocam_from_cam in STREET_CAMS.items():
+        keyego_from_cam = make_transform(np.eye(3), [CAMERA_SHIFT, 0, 0]) @ egocam_from_cam
+        renders[name] = render(STREET_GRID, sem, keyego_from_cam, STREET_K, STREET_SIZE, {FREE})
+    occupied = np.argwhere(sem != FREE)
+    pts_ego = STREET_GRID.index_to_center(occupied) + rng.uniform(-0.15, 0.15, size=(len(occupied), 3))
+    pts_lidar = transform_points(invert_rigid(EGO_FROM_LIDAR), pts_ego)
+    cloud = np.concatenate([pts_lidar, rng.uniform(0, 1, (len(pts_lidar), 2))], axis=1).astype(np.float32)
+
+    frames = [("scene-a", "tok-a0", 1_000_000), ("scene-a", "tok-a1", 1_500_000), ("scene-b", "tok-b0", 9_000_000)]
+    infos = []
+    for scene, token, ts in frames:
+        global_from_ego = make_transform(cam_axes(30.0, 0) @ cam_axes(0, 0).T, [100.0 + ts / 1e6, 50.0, 0.0])
+        global_from_egocam = global_from_ego @ make_transform(np.eye(3), [CAMERA_SHIFT, 0, 0])
+        gts = root / "gts" / scene / token
+        gts.mkdir(parents=True)
+        np.savez_compressed(gts / "labels.npz", semantics=sem, mask_lidar=mask_lidar.astype(np.uint8),
+                            mask_camera=np.ones_like(sem))
+        (root / "samples" / "LIDAR_TOP").mkdir(parents=True, exist_ok=True)
+        cloud.tofile(root / "samples" / "LIDAR_TOP" / f"{token}.pcd.bin")
+        cams = {}
+        for name, egocam_from_cam in STREET_CAMS.items():
+            labels_map, zdepth = renders[name]
+            for sub, arr in (("samples", colorize(labels_map, OCC3D_NUSCENES.palette())), ("semantic", labels_map),
+                             ("depth", np.round(zdepth * 1000).astype(np.uint16))):
+                (root / sub / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(root / sub / name / f"{token}.png")
+            lidar_from_cam = (invert_rigid(EGO_FROM_LIDAR) @ invert_rigid(global_from_ego) @ global_from_egocam
+                              @ egocam_from_cam)
+            cams[name] = dict(
+                data_path=f"./data/nuscenes\\samples\\{name}\\{token}.png",
+                semantic_path=f"data\\semantic\\{name}\\{token}.png",
+                depth_path=f"data/depth/{name}/{token}.png",
+                cam_intrinsic=STREET_K.tolist(),
+                timestamp=ts - 10_000,
+                sensor2lidar_rotation=lidar_from_cam[:3, :3],
+                sensor2lidar_translation=lidar_from_cam[:3, 3],
+                **_quat_pose(egocam_from_cam, "sensor2ego"),
+                **_quat_pose(global_from_egocam, "ego2global"),
+            )
+        infos.append(dict(
+            token=token, timestamp=ts, cams=cams,
+            lidar_path=f"./data/nuscenes\\samples\\LIDAR_TOP\\{token}.pcd.bin",
+            occ_path=f"./data/nuscenes\\gts\\{scene}\\{token}",
+            **_quat_pose(EGO_FROM_LIDAR, "lidar2ego"), **_quat_pose(global_from_ego, "ego2global"),
+        ))
+    metadata = dict(occ_range=list(STREET_GRID.range), voxel_size=0.4, grid_shape=list(STREET_GRID.shape),
+                    class_names=list(OCC3D_NUSCENES.names))
+    with open(root / "infos.pkl", "wb") as f:
+        pickle.dump(dict(infos=[infos[2], infos[1], infos[0]], metadata=metadata), f)  # unordered on purpose
+    return root
+
+
+TRAIN_AUG = ImageAugConfig(final_size=(64, 128), resize_range=(0.85, 1.2), crop_top_range=(0.3, 1.0),
+                           flip_prob=0.5, rotate_range_deg=(-12, 12), color_jitter=0.2)
+BEV_AUG = BevAugConfig(rotate_range_deg=(-30, 30), scale_range=(0.95, 1.05), flip_x_prob=0.5, flip_y_prob=0.5)
+
+
+def test_street_reader_without_augmentation_is_exact(street):
+    ds = Occ3DDataset(street, "infos.pkl", depth="rendered", semantic_maps=True)
+    assert ds.grid == STREET_GRID and len(ds) == 3
+    s = ds[1]
+    assert (s.token, s.scene_name, s.frame_index, s.timestamp) == ("tok-a0", "scene-a", 1, 1_000_000)
+    assert s.camera_names == ("CAM_FRONT", "CAM_BACK")
+    assert s.images.shape == (2, 3, 90, 160) and s.images.dtype == torch.float32
+    assert 0.0 <= float(s.images.min()) and float(s.images.max()) <= 1.0
+    torch.testing.assert_close(s.img_from_raw, torch.eye(3).expand(2, 3, 3))
+    torch.testing.assert_close(s.bda, torch.eye(4))
+    assert s.semantics.shape == STREET_GRID.shape and s.semantics.dtype == torch.int64
+    assert s.mask_camera.all() and s.mask_lidar.dtype == torch.bool
+    assert s.mask_known is None
+    # The camera pose went through the camera-time ego pose (0.3 m ahead of the key ego).
+    expected = make_transform(np.eye(3), [CAMERA_SHIFT, 0, 0]) @ STREET_CAMS["CAM_FRONT"]
+    np.testing.assert_allclose(s.keyego_from_cam[0].double().numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(s.lidar_origin.numpy(), [0.9, 0.0, 1.8], atol=1e-6)
+    assert s.global_from_ego.dtype == torch.float64
+    # Exact up to the millimetre rounding of the depth PNG on rays that clip a voxel corner.
+    assert consistency(s, ds.grid) > 0.999
+
+
+MIRROR_X = torch.diag(torch.tensor([-1.0, 1, 1, 1]))
+ADD_FLIP = torch.tensor([[-1.0, 0, 128], [0, 1, 0], [0, 0, 1]])  # an extra left-right flip of a 128 px image
+
+
+def test_bev_flips_are_exact(street):
+    ds = Occ3DDataset(street, "infos.pkl", bev_aug=BevAugConfig(flip_x_prob=0.5, flip_y_prob=0.5), augment=True,
+                      seed=0, depth="rendered", semantic_maps=True)
+    mirrors = set()
+    for i in range(len(ds)):
+        s = ds[i]
+        mirrors.add(tuple(torch.diagonal(s.bda)[:2].tolist()))
+        assert consistency(s, ds.grid) > 0.999
+        assert consistency(dataclasses.replace(s, bda=s.bda @ MIRROR_X), ds.grid) < 0.75
+    assert len(mirrors) > 1
+
+
+def test_street_reader_with_augmentation_stays_consistent(street):
+    """Nearest-neighbour resampling costs a few percent of surface pixels: the depth of a raw pixel
+    is reused on a ray up to half a raw pixel away (image aug), and rotated/scaled labels move
+    voxel boundaries by up to half a voxel diagonal (BEV aug). Wrong matrices score <= 0.70 here."""
+    for bev_aug, floor in ((None, 0.93), (BEV_AUG, 0.80)):
+        ds = Occ3DDataset(street, "infos.pkl", image_aug=TRAIN_AUG, bev_aug=bev_aug, augment=True, seed=3,
+                          depth="rendered", semantic_maps=True)
+        for i in range(len(ds)):
+            s = ds[i]
+            assert s.images.shape == (2, 3, 64, 128) and s.depth.shape == (2, 64, 128)
+            assert s.semantic_maps.shape == (2, 64, 128)
+            frac = consistency(s, ds.grid)
+            assert frac >= floor, f"sample {i}: only {frac:.3f} of pixels agree with the voxels"
+            # The check must be able to fail: one wrong matrix (BEV or image) breaks it.
+            assert consistency(dataclasses.replace(s, img_from_raw=ADD_FLIP @ s.img_from_raw), ds.grid) < 0.75
+            if bev_aug is not None:
+                assert consistency(dataclasses.replace(s, bda=s.bda @ MIRROR_X), ds.grid) < 0.75
+                assert consistency(dataclasses.replace(s, bda=torch.eye(4)), ds.grid) < 0.75
+
+
+def test_augmentation_is_deterministic_and_off_at_evaluation(street):
+    kw = dict(image_aug=TRAIN_AUG, bev_aug=BEV_AUG, depth="none", with_labels=True)
+    a = Occ3DDataset(street, "infos.pkl", augment=True, seed=7, **kw)
+    b = Occ3DDataset(street, "infos.pkl", augment=True, seed=7, **kw)
+    s1, s2 = a[1], b[1]
+    torch.testing.assert_close(s1.images, s2.images)
+    torch.testing.assert_close(s1.img_from_raw, s2.img_from_raw)
+    torch.testing.assert_close(s1.bda, s2.bda)
+    assert torch.equal(s1.semantics, s2.semantics)
+    b.set_epoch(1)
+    assert not torch.allclose(b[1].bda, s1.bda)
+    # A previous frame loaded with the current frame's draws shares its augmentation.
+    prev = a.load(0, aug_index=1)
+    torch.testing.assert_close(prev.bda, s1.bda)
+    torch.testing.assert_close(prev.img_from_raw, s1.img_from_raw)
+    # Evaluation: deterministic resize + crop (mean of crop_top_range, centred), no flip/rotation/BEV.
+    ev = Occ3DDataset(street, "infos.pkl", augment=False, **kw)[1]
+    torch.testing.assert_close(ev.bda, torch.eye(4))
+    scale = 128 / 160  # keep_aspect: max(64/90, 128/160); 90 rows -> 72, 8 spare rows
+    expected = torch.tensor([[scale, 0, 0], [0, scale, -round(0.65 * 8)], [0, 0, 1]])
+    torch.testing.assert_close(ev.img_from_raw[0], expected)
+
+
+def test_lidar_depth_matches_brute_force(street):
+    ds = Occ3DDataset(street, "infos.pkl", image_aug=TRAIN_AUG, augment=True, seed=1, depth="lidar", with_labels=False)
+    s = ds[2]
+    assert s.semantics is None and s.depth.shape == (2, 64, 128)
+    raw = np.fromfile(street / "samples" / "LIDAR_TOP" / "tok-b0.pcd.bin", dtype=np.float32).reshape(-1, 5)
+    pts_ego = transform_points(EGO_FROM_LIDAR, raw[:, :3].astype(np.float64))
+    for n in range(2):
+        ref = np.zeros((64, 128))
+        cam_from_ego = invert_rigid(s.keyego_from_cam[n].double().numpy())
+        uv, z = project(transform_points(cam_from_ego, pts_ego), s.aug_intrinsics[n].double().numpy())
+        for (u, v), zz in zip(uv, z):  # reference: a plain loop, nearest point per pixel
+            c, r = math.floor(u), math.floor(v)
+            if zz > 0.1 and 0 <= c < 128 and 0 <= r < 64 and (ref[r, c] == 0 or zz < ref[r, c]):
+                ref[r, c] = zz
+        assert (ref > 0).sum() > 100
+        np.testing.assert_allclose(s.depth[n].numpy(), ref, atol=1e-5)
+
+
+def test_previous_frames_and_order(street):
+    ds = Occ3DDataset(street, "infos.pkl", with_labels=False)
+    # The file lists b0, a1, a0: scenes keep the order of first appearance, frames go by time.
+    assert [ds.frame(i).token for i in range(3)] == ["tok-b0", "tok-a0", "tok-a1"]
+    assert [ds.frame(i).scene_name for i in range(3)] == ["scene-b", "scene-a", "scene-a"]  # from occ_path
+    assert ds.previous(2) == 1 and ds.previous(1) is None and ds.previous(0) is None
+    assert ds.previous(2, steps=2) is None
+
+
+def test_collate_and_to_device(street):
+    ds = Occ3DDataset(street, "infos.pkl", image_aug=TRAIN_AUG, depth="rendered", semantic_maps=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert batch.images.shape == (2, 2, 3, 64, 128)
+    assert batch.keyego_from_cam.shape == (2, 2, 4, 4) and batch.bda.shape == (2, 4, 4)
+    assert batch.semantics.shape == (2, *STREET_GRID.shape) and batch.mask_known is None
+    assert batch.timestamps.tolist() == [9_000_000, 1_000_000]
+    torch.testing.assert_close(batch.ego_from_cam[1], ds[1].ego_from_cam)
+    moved = batch.to("cpu")
+    assert moved.global_from_ego.dtype == torch.float64 and moved.images.data_ptr() == batch.images.data_ptr()
+    with pytest.raises(DataError, match="sample tok-b0 has no depth but sample tok-a0 has one"):
+        collate([ds[1], dataclasses.replace(ds[0], depth=None)])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _write_infos(root: Path, infos: list, name: str = "bad.pkl") -> Path:
+    with open(root / name, "wb") as f:
+        pickle.dump(dict(infos=infos, metadata={}), f)
+    return root / name
+
+
+def _street_infos(street: Path) -> list:
+    with open(street / "infos.pkl", "rb") as f:
+        return pickle.load(f)["infos"]
+
+
+def test_bad_input_errors_name_the_culprit(street, tmp_path):
+    infos = _street_infos(street)
+    # Missing image.
+    bad = [dict(infos[0], cams={**infos[0]["cams"], "CAM_BACK": dict(infos[0]["cams"]["CAM_BACK"], data_path="samples/CAM_BACK/nope.png")})]
+    ds = Occ3DDataset(street, _write_infos(tmp_path, bad), with_labels=False)
+    with pytest.raises(DataError, match=r"nope\.png: image not found"):
+        ds[0]
+    # Non-rigid calibration.
+    cam = dict(infos[0]["cams"]["CAM_FRONT"], sensor2ego_rotation=(np.eye(3) * 1.2).tolist())
+    with pytest.raises(DataError, match="tok-b0.*CAM_FRONT.*sensor2ego.*orthonormal"):
+        Occ3DDataset(street, _write_infos(tmp_path, [dict(infos[0], cams={"CAM_FRONT": cam})]))
+    # Intrinsics for another resolution.
+    cam = dict(infos[0]["cams"]["CAM_FRONT"], cam_intrinsic=(STREET_K * [[4], [4], [1]]).tolist())
+    ds = Occ3DDataset(street, _write_infos(tmp_path, [dict(infos[0], cams={"CAM_FRONT": cam})]), with_labels=False)
+    with pytest.raises(DataError, match="CAM_FRONT.*do not fit a 160x90 image"):
+        ds[0]
+    # Labels: missing, wrong shape, out of range.
+    ds = Occ3DDataset(street, "infos.pkl", grid=STREET_GRID)
+    missing = [dict(infos[0], occ_path="gts/scene-x/none")]
+    with pytest.raises(DataError, match=r"gts/scene-x/none/labels\.npz: labels file not found"):
+        Occ3DDataset(street, _write_infos(tmp_path, missing))[0]
+    bad_dir = street / "gts" / "bad" / "tok"
+    bad_dir.mkdir(parents=True, exist_ok=True)
+    sem = street_labels()
+    np.savez(bad_dir / "labels.npz", semantics=sem[:, :, :8], mask_lidar=sem[:, :, :8] * 0, mask_camera=sem[:, :, :8] * 0)
+    with pytest.raises(DataError, match=r"bad/tok/labels\.npz: semantics has shape \(40, 40, 8\)"):
+        Occ3DDataset(street, _write_infos(tmp_path, [dict(infos[0], occ_path="gts/bad/tok")]), grid=STREET_GRID)[0]
+    np.savez(bad_dir / "labels.npz", semantics=sem + 20, mask_lidar=sem * 0, mask_camera=sem * 0)
+    with pytest.raises(DataError, match=r"labels\.npz: semantics has labels in \[24, 37\], outside 0..17"):
+        Occ3DDataset(street, _write_infos(tmp_path, [dict(infos[0], occ_path="gts/bad/tok")]), grid=STREET_GRID)[0]
+    # Grid disagreement and an unknown depth source.
+    with pytest.raises(DataError, match="differs from the requested"):
+        Occ3DDataset(street, "infos.pkl", grid=VoxelGrid((-4, -4, -1, 4, 4, 5.4), (0.4, 0.4, 0.4)))
+    with pytest.raises(DataError, match="depth source 'radar'"):
+        Occ3DDataset(street, "infos.pkl", depth="radar")
+    # A LiDAR file that is not (N, 5) float32.
+    np.zeros(7, dtype=np.float32).tofile(street / "samples" / "LIDAR_TOP" / "odd.bin")
+    odd = [dict(infos[0], lidar_path="samples\\LIDAR_TOP\\odd.bin")]
+    ds = Occ3DDataset(street, _write_infos(tmp_path, odd), with_labels=False, depth="lidar")
+    with pytest.raises(DataError, match=r"odd\.bin: 7 float32 values is not a whole number of 5-value points"):
+        ds[0]
+
+
+def test_image_aug_config_errors_through_config_loader():
+    from occdistill.config import load_config
+    from occdistill.errors import ConfigError
+
+    cfg = load_config(ImageAugConfig, overrides=["final_size=[128, 352]", "flip_prob=0.5"])
+    assert cfg.final_size == (128, 352) and cfg.flip_prob == 0.5
+    with pytest.raises(ConfigError, match="flip_probability.*did you mean 'flip_prob'"):
+        load_config(ImageAugConfig, overrides=["flip_probability=0.5"])
+    with pytest.raises(ConfigError, match="flip_prob must be a probability"):
+        load_config(ImageAugConfig, overrides=["flip_prob=2"])
+    with pytest.raises(ConfigError, match="scale_range"):
+        load_config(BevAugConfig, overrides=["scale_range=[1.2, 0.8]"])

@@ -98,9 +98,9 @@ def cam_axes(yaw_deg: float, pitch_deg: float) -> np.ndarray:
     return yaw @ base @ pitch
 
 
-def consistency(sample: Sample, grid: VoxelGrid) -> float:
-    """Fraction of rendered pixels (depth > 0, class known) whose back-projected 3D point lands
-    in a voxel of the same class; points outside the grid are left out."""
+def consistency(sample: Sample, grid: VoxelGrid, exclude: tuple[int, ...] = ()) -> float:
+    """Fraction of rendered pixels (depth > 0, class known and not in ``exclude``) whose
+    back-projected 3D point lands in a voxel of the same class; points outside the grid are left out."""
     agree = total = 0
     ego_from_cam = sample.ego_from_cam.double().numpy()
     k_aug = sample.aug_intrinsics.double().numpy()
@@ -108,7 +108,7 @@ def consistency(sample: Sample, grid: VoxelGrid) -> float:
     for n in range(len(sample.camera_names)):
         d = sample.depth[n].double().numpy()
         cls = sample.semantic_maps[n].numpy()
-        rows, cols = np.nonzero((d > 0) & (cls != 255))
+        rows, cols = np.nonzero((d > 0) & (cls != 255) & ~np.isin(cls, exclude))
         pts = unproject(np.stack([cols + 0.5, rows + 0.5], -1), d[rows, cols], k_aug[n])
         idx, inside = grid.point_to_index(transform_points(ego_from_cam[n], pts))
         got = sem[idx[inside, 0], idx[inside, 1], idx[inside, 2]]
@@ -410,3 +410,143 @@ def test_image_aug_config_errors_through_config_loader():
         load_config(ImageAugConfig, overrides=["flip_prob=2"])
     with pytest.raises(ConfigError, match="scale_range"):
         load_config(BevAugConfig, overrides=["scale_range=[1.2, 0.8]"])
+
+
+# ---------------------------------------------------------------- the room world (Occ-ScanNet layout)
+
+ROOM_SHAPE = (30, 30, 20)
+ROOM_VOXEL = 0.08
+ROOM_K = np.array([[90.0, 0, 64, 0], [0, 90.0, 48, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # 4x4, as ScanNet stores it
+ROOM_SIZE = (96, 128)
+UNK = 255
+HALF_RES_DEPTH = "00007"
+
+
+def room_labels() -> np.ndarray:
+    """target_1_4[i, j, k] along world x, y, z from voxel_origin; deliberately not symmetric in x/y."""
+    sem = np.zeros(ROOM_SHAPE, dtype=np.uint8)
+    sem[:, :, 0] = OCC_SCANNET.index("floor")
+    sem[29, :, :] = OCC_SCANNET.index("wall")
+    sem[10:16, 4:11, 1:7] = OCC_SCANNET.index("table")
+    sem[11:15, 5:10, 1:5] = UNK  # the table's inside was never observed
+    sem[5:9, 18:23, 1:9] = OCC_SCANNET.index("chair")
+    sem[0:4, :, 15:] = UNK
+    return sem
+
+
+def room_pose(yaw_deg: float, offset) -> np.ndarray:
+    return make_transform(cam_axes(yaw_deg, 35.0), offset)
+
+
+ROOM_FRAMES = {  # (scene, frame) -> (voxel_origin, world_from_cam)
+    ("scene0042_00", "00000"): ((0.37, -1.21, 0.05), room_pose(10.0, [0.37 - 0.8, -1.21 + 1.0, 1.35])),
+    ("scene0042_00", "00007"): ((0.30, -1.00, 0.05), room_pose(-12.0, [0.30 - 0.7, -1.00 + 1.5, 1.30])),
+    ("scene0043_00", "00003"): ((-2.0, 3.0, -0.4), room_pose(25.0, [-2.0 - 0.6, 3.0 + 0.8, 0.9])),
+}
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory) -> Path:
+    """ISO-like layout: ``gathered_data/<scene>/<frame>.pkl`` whose paths point to another machine;
+    images and depth under ``posed_images/<scene>/``."""
+    root = tmp_path_factory.mktemp("room")
+    sem = room_labels()
+    for (scene, frame), (origin, world_from_cam) in ROOM_FRAMES.items():
+        grid_world = VoxelGrid.from_origin(origin, ROOM_VOXEL, ROOM_SHAPE)
+        labels_map, zdepth = render(grid_world, sem, world_from_cam, ROOM_K[:3, :3], ROOM_SIZE, {0, UNK})
+        img_dir = root / "posed_images" / scene
+        img_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(colorize(labels_map, OCC_SCANNET.palette())).save(img_dir / f"{frame}.jpg", quality=95)
+        # One frame stores depth at half resolution, as ScanNet's depth camera beside its colour one.
+        stored = zdepth[::2, ::2] if frame == HALF_RES_DEPTH else zdepth
+        Image.fromarray(np.round(stored * 1000).astype(np.uint16)).save(img_dir / f"{frame}.png")
+        Image.fromarray(labels_map).save(img_dir / f"{frame}_sem.png")
+        foreign = f"/home/someone/data/occscannet/posed_images/{scene}/{frame}"
+        rec = dict(img=f"{foreign}.jpg", depth_gt=f"{foreign}.png", semantic_path=f"{foreign}_sem.png",
+                   intrinsic=ROOM_K, cam_pose=world_from_cam, voxel_origin=np.array(origin),
+                   target_1_4=sem, target_1_16=sem[::4, ::4, ::4])
+        (root / "gathered_data" / scene).mkdir(parents=True, exist_ok=True)
+        with open(root / "gathered_data" / scene / f"{frame}.pkl", "wb") as f:
+            pickle.dump(rec, f)
+    return root
+
+
+def test_room_reader_frames_and_exact_consistency(room):
+    ds = OccScanNetDataset(room, shape=ROOM_SHAPE, semantic_maps=True)
+    # Nothing at <root>/<scene>/*.pkl, so the reader looks under gathered_data/.
+    assert [ds[i].token for i in range(len(ds))] == ["scene0042_00/00000", "scene0042_00/00007", "scene0043_00/00003"]
+    assert ds.previous(1) == 0 and ds.previous(2) is None and ds.previous(0) is None
+    s = ds[1]
+    assert s.camera_names == ("CAM",) and s.images.shape == (1, 3, 96, 128) and s.timestamp == 7
+    assert s.depth is None and s.mask_camera is None and s.mask_lidar is None
+    assert torch.equal(s.mask_known, s.semantics != UNK)
+    assert int((~s.mask_known).sum()) == int((room_labels() == UNK).sum())
+    # The ego frame: world axes, origin at the grid's bottom centre.
+    origin, world_from_cam = ROOM_FRAMES[("scene0042_00", "00007")]
+    world_from_ego = make_transform(np.eye(3), np.array(origin) + [1.2, 1.2, 0.0])
+    np.testing.assert_allclose(s.global_from_ego.numpy(), world_from_ego, atol=1e-12)
+    np.testing.assert_allclose(s.keyego_from_cam[0].double().numpy(), invert_rigid(world_from_ego) @ world_from_cam, atol=1e-6)
+    assert ds.grid == scannet_grid(ROOM_SHAPE, ROOM_VOXEL) and ds.grid.range[:3] == (-1.2, -1.2, 0.0)
+    np.testing.assert_allclose(s.lidar_origin.numpy(), s.keyego_from_cam[0, :3, 3].numpy())
+
+    full = OccScanNetDataset(room, shape=ROOM_SHAPE, semantic_maps=True, load_depth=True)
+    for i in range(len(full)):
+        s = full[i]
+        assert s.depth.shape == (1, 96, 128)
+        # Labels read as stored ([x, y, z] along world axes) fit the images exactly; the
+        # half-resolution depth map is upsampled by nearest neighbour, a 4 cm footprint at 2 m.
+        assert consistency(s, full.grid) > (0.85 if s.token.endswith(HALF_RES_DEPTH) else 0.999)
+        # The other axis order public loaders use ((1, 0, 2) transpose) does not fit the objects
+        # (the floor is the same either way).
+        transposed = dataclasses.replace(s, semantics=s.semantics.permute(1, 0, 2).contiguous())
+        floor = (OCC_SCANNET.index("floor"),)
+        assert consistency(s, full.grid, exclude=floor) > 0.8
+        assert consistency(transposed, full.grid, exclude=floor) < 0.5
+
+
+def test_room_reader_with_augmentation(room):
+    aug = ImageAugConfig(final_size=(72, 100), keep_aspect=False, resize_range=(0.9, 1.15), crop_top_range=(0.0, 1.0),
+                         flip_prob=0.5, rotate_range_deg=(-10, 10))
+    bev = BevAugConfig(rotate_range_deg=(-20, 20), flip_x_prob=0.5, flip_y_prob=0.5)
+    ds = OccScanNetDataset(room, shape=ROOM_SHAPE, image_aug=aug, bev_aug=bev, augment=True, seed=5,
+                           semantic_maps=True, load_depth=True)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch.images.shape == (3, 1, 3, 72, 100) and batch.mask_known.shape == (3, *ROOM_SHAPE)
+    assert batch.mask_camera is None
+    for i in range(len(ds)):
+        s = ds[i]
+        assert consistency(s, ds.grid) >= 0.8
+        assert consistency(dataclasses.replace(s, bda=s.bda @ MIRROR_X), ds.grid) < 0.75
+        # Voxels rotated in from outside the grid are unknown, never free.
+        assert torch.equal(s.mask_known, s.semantics != UNK)
+    # Evaluation reproduces ISO's anisotropic 1296x968 -> 640x480 resize exactly.
+    ev = OccScanNetDataset(room, shape=ROOM_SHAPE, image_aug=ImageAugConfig(final_size=(48, 60), keep_aspect=False))[0]
+    torch.testing.assert_close(ev.img_from_raw[0], torch.tensor([[60 / 128, 0, 0], [0, 48 / 96, 0], [0, 0, 1.0]]))
+
+
+def test_room_bad_input(room, tmp_path):
+    src = room / "gathered_data" / "scene0042_00" / "00000.pkl"
+    with open(src, "rb") as f:
+        rec = pickle.load(f)
+    cases = {
+        "range": (dict(rec, target_1_4=np.where(room_labels() == 5, 20, room_labels()).astype(np.uint8)),
+                  r"target_1_4 has labels \[20\] outside 0..11 and 255"),
+        "shape": (dict(rec, target_1_4=room_labels()[:, :, :10]), r"target_1_4 has shape \(30, 30, 10\)"),
+        "dtype": (dict(rec, target_1_4=room_labels().astype(np.float32)), "integer class ids"),
+        "pose": (dict(rec, cam_pose=np.diag([1.0, 1, -1, 1])), "cam_pose: rotation block has determinant"),
+        "key": ({k: v for k, v in rec.items() if k != "voxel_origin"}, r"missing key\(s\) \['voxel_origin'\]"),
+        "image": (dict(rec, img="/elsewhere/posed_images/scene0042_00/missing.jpg"), r"missing\.jpg: image not found"),
+    }
+    for name, (bad, msg) in cases.items():
+        path = tmp_path / "gathered_data" / "scene9" / f"{name}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            pickle.dump(bad, f)
+        ds = OccScanNetDataset(room, [path], shape=ROOM_SHAPE)
+        with pytest.raises(DataError, match=msg) as err:
+            ds[0]
+        assert str(path) in str(err.value) or name == "image"
+    with pytest.raises(DataError, match="no Occ-ScanNet frame pickles"):
+        OccScanNetDataset(tmp_path / "empty")
+    with pytest.raises(DataError, match="split file not found"):
+        OccScanNetDataset(room, split_file=tmp_path / "train.txt")

@@ -138,19 +138,22 @@ class ImageAug:
         return out
 
     def warp_nearest(self, arr: np.ndarray, fill: float) -> np.ndarray:
-        """(H, W, ...) map of ``raw_size`` -> ``out_size`` by nearest neighbour; ``fill`` outside.
+        """(h, w, ...) map -> ``out_size`` by nearest neighbour; ``fill`` outside.
 
-        Each output pixel centre is mapped back through ``inv(img_from_raw)`` and takes the raw
-        pixel containing that point, so labels and depth are never blended across edges.
+        Each output pixel centre is mapped back through ``inv(img_from_raw)`` and takes the map
+        pixel containing that point, so labels and depth are never blended across edges. A map of
+        another resolution than the image is taken to cover the same field of view (ScanNet's
+        640x480 depth beside 1296x968 colour, as ISO uses it); the caller checks the aspect ratio.
         """
-        if tuple(arr.shape[:2]) != self.raw_size:
-            raise ValueError(f"map is {arr.shape[:2]}, augmentation drawn for {self.raw_size}")
+        h, w = arr.shape[:2]
+        map_from_raw = resize_matrix(w / self.raw_size[1], h / self.raw_size[0])
         oh, ow = self.out_size
         ys, xs = np.meshgrid(np.arange(oh) + 0.5, np.arange(ow) + 0.5, indexing="ij")
-        src = np.stack([xs, ys, np.ones_like(xs)], axis=-1) @ np.linalg.inv(self.img_from_raw).T  # (oh, ow, 3)
+        map_from_img = map_from_raw @ np.linalg.inv(self.img_from_raw)
+        src = np.stack([xs, ys, np.ones_like(xs)], axis=-1) @ map_from_img.T  # (oh, ow, 3)
         col = np.floor(src[..., 0] / src[..., 2]).astype(np.int64)
         row = np.floor(src[..., 1] / src[..., 2]).astype(np.int64)
-        valid = (col >= 0) & (col < self.raw_size[1]) & (row >= 0) & (row < self.raw_size[0])
+        valid = (col >= 0) & (col < w) & (row >= 0) & (row < h)
         out = np.full((oh, ow) + arr.shape[2:], fill, dtype=arr.dtype)
         out[valid] = arr[row[valid], col[valid]]
         return out

@@ -123,10 +123,15 @@ def load_views(
             if not wanted:
                 continue
             if path is None:
-                raise DataError(f"{where} camera {spec.name}: no {kind} in the info record")
+                raise DataError(f"{where} camera {spec.name}: no {kind} given for it")
             arr = load_depth_png(path) if kind == "depth_path" else read_label_png(path)
-            if arr.shape != raw_size:
-                raise DataError(f"{path}: map is {arr.shape[1]}x{arr.shape[0]}, its image is {raw_size[1]}x{raw_size[0]}")
+            # Another resolution is accepted as the same field of view (ScanNet's depth camera),
+            # but not another shape of image.
+            if abs(arr.shape[1] / arr.shape[0] - raw_size[1] / raw_size[0]) > 0.02 * raw_size[1] / raw_size[0]:
+                raise DataError(
+                    f"{path}: map is {arr.shape[1]}x{arr.shape[0]}, its image {raw_size[1]}x{raw_size[0]} "
+                    "has another aspect ratio"
+                )
             store.append(aug.warp_nearest(arr, fill=0.0 if kind == "depth_path" else 255))
     sizes = {im.shape for im in images}
     if len(sizes) > 1:

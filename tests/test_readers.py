@@ -390,6 +390,24 @@ def test_bad_input_errors_name_the_culprit(street, tmp_path):
         Occ3DDataset(street, "infos.pkl", grid=VoxelGrid((-4, -4, -1, 4, 4, 5.4), (0.4, 0.4, 0.4)))
     with pytest.raises(DataError, match="depth source 'radar'"):
         Occ3DDataset(street, "infos.pkl", depth="radar")
+    # A depth map of another image, a semantic map that is not given, cameras of different sizes.
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint16)).save(street / "depth" / "CAM_FRONT" / "square.png")
+    cam = dict(infos[0]["cams"]["CAM_FRONT"], depth_path="depth/CAM_FRONT/square.png")
+    cam.pop("semantic_path")
+    ds = Occ3DDataset(street, _write_infos(tmp_path, [dict(infos[0], cams={"CAM_FRONT": cam})]), with_labels=False,
+                      depth="rendered")
+    with pytest.raises(DataError, match=r"square\.png: map is 10x10, its image 160x90 has another aspect ratio"):
+        ds[0]
+    ds.depth, ds.semantic_maps = "none", True
+    with pytest.raises(DataError, match="tok-b0 .*camera CAM_FRONT: no semantic_path given"):
+        ds[0]
+    Image.new("RGB", (80, 45)).save(street / "samples" / "CAM_BACK" / "small.png")
+    small = dict(infos[0]["cams"]["CAM_BACK"], data_path="samples/CAM_BACK/small.png",
+                 cam_intrinsic=(STREET_K * [[0.5], [0.5], [1]]).tolist())
+    ds = Occ3DDataset(street, _write_infos(tmp_path, [dict(infos[0], cams={**infos[0]["cams"], "CAM_BACK": small})]),
+                      with_labels=False)
+    with pytest.raises(DataError, match="cameras give images of different sizes"):
+        ds[0]
     # A LiDAR file that is not (N, 5) float32.
     np.zeros(7, dtype=np.float32).tofile(street / "samples" / "LIDAR_TOP" / "odd.bin")
     odd = [dict(infos[0], lidar_path="samples\\LIDAR_TOP\\odd.bin")]

@@ -99,6 +99,23 @@ class Views:
     semantic_maps: np.ndarray | None  # (N, H, W) int64
 
 
+def _warped_map(path: Path | None, kind: str, aug: ImageAug, fill: float, where: str) -> np.ndarray:
+    """Read a per-pixel map (``depth_path`` PNG in mm, or ``semantic_path`` class ids) and warp it
+    with the camera's image augmentation by nearest neighbour."""
+    if path is None:
+        raise DataError(f"{where}: no {kind} given for it")
+    arr = load_depth_png(path) if kind == "depth_path" else read_label_png(path)
+    # Another resolution is taken as the same field of view (ScanNet's depth camera); another
+    # aspect ratio means the map belongs to another image.
+    aspect, raw_aspect = arr.shape[1] / arr.shape[0], aug.raw_size[1] / aug.raw_size[0]
+    if abs(aspect - raw_aspect) > 0.02 * raw_aspect:
+        raise DataError(
+            f"{path}: map is {arr.shape[1]}x{arr.shape[0]}, its image {aug.raw_size[1]}x{aug.raw_size[0]} "
+            "has another aspect ratio"
+        )
+    return aug.warp_nearest(arr, fill=fill)
+
+
 def load_views(
     specs: Sequence[ViewSpec],
     image_aug: ImageAugConfig | None,
@@ -112,27 +129,15 @@ def load_views(
     for spec in specs:
         img = read_rgb(spec.image_path)
         raw_size = (img.height, img.width)
-        check_intrinsic_fits(spec.intrinsic, raw_size, f"{where} camera {spec.name} ({spec.image_path})")
+        cam_where = f"{where} camera {spec.name}"
+        check_intrinsic_fits(spec.intrinsic, raw_size, f"{cam_where} ({spec.image_path})")
         aug = ImageAug.identity(raw_size) if image_aug is None else sample_image_aug(image_aug, raw_size, rng)
         images.append(aug.apply_image(img).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
         augs.append(aug)
-        for wanted, path, kind, store in (
-            (load_depth, spec.depth_path, "depth_path", depths),
-            (load_semantic, spec.semantic_path, "semantic_path", sems),
-        ):
-            if not wanted:
-                continue
-            if path is None:
-                raise DataError(f"{where} camera {spec.name}: no {kind} given for it")
-            arr = load_depth_png(path) if kind == "depth_path" else read_label_png(path)
-            # Another resolution is accepted as the same field of view (ScanNet's depth camera),
-            # but not another shape of image.
-            if abs(arr.shape[1] / arr.shape[0] - raw_size[1] / raw_size[0]) > 0.02 * raw_size[1] / raw_size[0]:
-                raise DataError(
-                    f"{path}: map is {arr.shape[1]}x{arr.shape[0]}, its image {raw_size[1]}x{raw_size[0]} "
-                    "has another aspect ratio"
-                )
-            store.append(aug.warp_nearest(arr, fill=0.0 if kind == "depth_path" else 255))
+        if load_depth:
+            depths.append(_warped_map(spec.depth_path, "depth_path", aug, 0.0, cam_where))
+        if load_semantic:
+            sems.append(_warped_map(spec.semantic_path, "semantic_path", aug, 255, cam_where))
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
         raise DataError(f"{where}: cameras give images of different sizes {sorted(sizes)}; set an image_aug final_size")

@@ -1,0 +1,45 @@
+"""Small helpers shared by the metric accumulators."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+def as_label_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Integer label array (numpy or torch) -> torch tensor on ``device`` (zero-copy for CPU numpy)."""
+    t = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"labels must be an integer array, got dtype {t.dtype}")
+    return t.to(device) if device is not None else t
+
+
+def as_bool_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A mask as bool. A uint8 0/1 mask must never be used as an index array (integer fancy
+    indexing picks wrong voxels silently), so any non-bool mask is cast with ``!= 0`` here."""
+    t = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    t = t if t.dtype == torch.bool else t != 0
+    return t.to(device) if device is not None else t
+
+
+def nanmean(x: np.ndarray) -> float:
+    """``np.nanmean`` (same summation, so the same bits as the references), NaN without a warning
+    when every entry is NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(x))
+
+
+def reduce_sum_distributed(t: torch.Tensor) -> None:
+    """In-place sum over the processes of the default group; a no-op outside distributed runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
+def percent(x: float | None) -> float | None:
+    """Fraction -> percent, NaN/None -> None (JSON null)."""
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return None
+    return float(x) * 100.0

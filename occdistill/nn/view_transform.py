@@ -47,13 +47,15 @@ def camera_parameters(
       (its translation, the crop, is already in cx, cy);
     - ``ego_from_cam`` rotation and translation (12): mounting pose, height above ground.
     """
+    # float32 throughout: these feed an MLP, and an exported graph must not contain float64 ops
+    # (TensorRT has none).
     height, width = image_size
-    k_aug = img_from_raw.double() @ intrinsics.double()
+    k_aug = img_from_raw.float() @ intrinsics.float()
     scale = k_aug.new_tensor([width, height, width, height])
     k_vec = torch.stack([k_aug[..., 0, 0], k_aug[..., 1, 1], k_aug[..., 0, 2], k_aug[..., 1, 2]], dim=-1) / scale
-    aug_vec = img_from_raw[..., :2, :2].double().flatten(-2)
-    pose_vec = ego_from_cam[..., :3, :4].double().flatten(-2)
-    return torch.cat([k_vec, aug_vec, pose_vec], dim=-1).float()
+    aug_vec = img_from_raw[..., :2, :2].float().flatten(-2)
+    pose_vec = ego_from_cam[..., :3, :4].float().flatten(-2)
+    return torch.cat([k_vec, aug_vec, pose_vec], dim=-1)
 
 
 class _CameraGate(nn.Module):

@@ -143,6 +143,9 @@ class LSSViewTransformer(nn.Module):
     Pooling uses :func:`bev_pool_scatter` on the geometry of the batch, unless a fixed rig was set
     with :meth:`set_fixed_rig`: then the precomputed, ONNX-exportable plan is used and the camera
     matrices only feed the camera-aware gate (they must describe that same rig).
+
+    The frustum feature (B, N, D, h, w, C) is materialised: 47 MB per sample in float32 at
+    FlashOcc M0 sizes (6 x 44 x 16 x 44 x 64), twice that at M1.
     """
 
     def __init__(
@@ -188,8 +191,9 @@ class LSSViewTransformer(nn.Module):
     ) -> torch.Tensor:
         """Ego positions of all frustum points: (B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) -> (B, N, D, h, w, 3).
 
-        The 3x3 chain is combined in float64 (inverting an augmented intrinsic matrix in float32
-        costs ~1e-4 relative), the per-point product runs in float32.
+        The 3x3 chain (augmentation, inverse intrinsics, rotation) is combined in float64, the
+        precision the calibration is stored in (DESIGN.md section 3); only the per-point product
+        runs in float32.
         """
         k_aug = img_from_raw.double() @ intrinsics.double()
         ego_from_pix = (ego_from_cam[..., :3, :3].double() @ torch.linalg.inv(k_aug)).float()  # (B, N, 3, 3)
@@ -199,9 +203,14 @@ class LSSViewTransformer(nn.Module):
 
     @torch.no_grad()
     def set_fixed_rig(self, intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> None:
-        """Precompute the pooling plan of one rig: (N, 3, 3), (N, 3, 3), (N, 4, 4). Deployment only."""
-        points = self.ego_points(intrinsics[None], img_from_raw[None], ego_from_cam[None])[0]
-        self.fixed_pool = PrecomputedBEVPool(precompute_pool_indices(points, self.grid)).to(self.frustum.device)
+        """Precompute the pooling plan of one rig: (N, 3, 3), (N, 3, 3), (N, 4, 4). Deployment only.
+
+        The plan is built on the module's device; later ``.to()`` calls move it like any buffer.
+        """
+        device = self.frustum.device
+        cams = (t.to(device)[None] for t in (intrinsics, img_from_raw, ego_from_cam))
+        points = self.ego_points(*cams)[0]  # (N, D, h, w, 3)
+        self.fixed_pool = PrecomputedBEVPool(precompute_pool_indices(points, self.grid))
 
     def clear_fixed_rig(self) -> None:
         """Return to per-batch geometry (training path)."""

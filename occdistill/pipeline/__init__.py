@@ -1,0 +1,1 @@
+"""End-to-end jobs composed from the library layers (the CLI stays a thin wrapper over these)."""

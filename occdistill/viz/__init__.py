@@ -1,0 +1,1 @@
+"""Visual checks: GT voxels projected over camera images, and BEV label maps."""

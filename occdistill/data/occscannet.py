@@ -20,7 +20,8 @@ DESIGN.md's centre convention places the voxel centre at ``+ 0.5`` voxel, where 
 projects the voxel's minimum corner (a 4 cm difference).
 
 Unknown voxels (255) stay 255 in ``semantics``; ``mask_known`` marks the others (ISO protocol:
-ignored in training, counted as empty by the metric).
+ignored in training, counted as empty by the metric). A pickle that also stores ``mask_camera``
+(X, Y, Z) 0/1 (the synthetic world does; ISO's do not) gets it as ``Sample.mask_camera``.
 """
 
 from __future__ import annotations
@@ -174,6 +175,14 @@ class OccScanNetDataset(Dataset):
             )
         return sem.astype(np.int64)
 
+    def _mask(self, mask: Any, where: str) -> np.ndarray:
+        m = np.asarray(mask)
+        if m.shape != self.grid.shape:
+            raise DataError(f"{where}: mask_camera has shape {m.shape}, expected {self.grid.shape}")
+        if m.dtype != np.bool_ and not (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all()):
+            raise DataError(f"{where}: mask_camera must hold only 0 and 1 (dtype {m.dtype})")
+        return m.astype(bool)
+
     def __getitem__(self, index: int) -> Sample:
         return self.load(index)
 
@@ -212,8 +221,11 @@ class OccScanNetDataset(Dataset):
         labels = {}
         if self.with_labels:
             sem = self._labels(rec["target_1_4"], where)
-            sem, (known,) = apply_bev_aug(bda, self.grid, sem, (sem != UNKNOWN,), UNKNOWN)
-            labels = dict(semantics=torch.from_numpy(sem), mask_known=torch.from_numpy(np.ascontiguousarray(known)))
+            masks = (sem != UNKNOWN,) + ((self._mask(rec["mask_camera"], where),) if "mask_camera" in rec else ())
+            sem, masks = apply_bev_aug(bda, self.grid, sem, masks, UNKNOWN)
+            labels = dict(semantics=torch.from_numpy(sem), mask_known=torch.from_numpy(np.ascontiguousarray(masks[0])))
+            if len(masks) == 2:
+                labels["mask_camera"] = torch.from_numpy(np.ascontiguousarray(masks[1]))
         stem = pkl.stem
         return Sample(
             token=f"{pkl.parent.name}/{stem}",

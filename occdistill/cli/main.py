@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("occdistill.cli.demo", "run the main job on the built-in synthetic world"),
     "synth": ("occdistill.cli.synth", "generate a synthetic dataset in the real on-disk formats"),
     "viz": ("occdistill.cli.viz", "draw GT voxels over camera images and a BEV label map, per sample"),
+    "score": ("occdistill.cli.score", "evaluate saved prediction files against GT files"),
 }
 
 

@@ -15,13 +15,13 @@ Two interchangeable implementations with identical results:
   spare "dump" row that is sliced off, so there is no boolean compaction and no host sync.
   ``index_add_`` uses atomics on CUDA (not bitwise deterministic).
 * :func:`bev_pool_precomputed` (deployment, ONNX-exportable): for a FIXED camera rig the indices are
-  computed once by :func:`precompute_pool_indices`, then the forward uses only Gather, CumSum, Sub,
-  Concat, Reshape, Transpose and elementwise ops (the cumsum-difference trick of LSS's
-  QuickCumsum / BEVPoolv2's interval sums, on mean-centred values to limit float32 cancellation),
-  which exports at any opset and needs no plugin. ``scatter_add`` would export
-  only at opset >= 16 and ``index_put(accumulate)`` exports silently wrong with the TorchScript
-  exporter (research/flashocc.md section 3.3). The cumsum runs over all kept points: keep it in
-  fp32 (fp16 prefix sums over 1e5 rows lose ~1e-2 absolute).
+  computed once by :func:`precompute_pool_indices`, then the forward uses only Gather, CumSum,
+  ReduceMean, Concat, Reshape, Transpose and elementwise ops (the cumsum-difference trick of LSS's
+  QuickCumsum / BEVPoolv2's interval sums, on mean-centred values to limit float32 cancellation).
+  It needs no plugin; exports with both torch exporters at opsets 11 and 17 matched onnxruntime to
+  ~1e-7. ``scatter_add`` would export correctly only at opset >= 16 and ``index_put(accumulate)``
+  exports silently wrong with the TorchScript exporter (research/flashocc.md section 3.3). The
+  cumsum runs over all kept points: keep it in fp32 (fp16 prefix sums over 1e5 rows lose ~1e-2).
 
 Shapes: B batch, N cameras, D depth bins, h w feature map, C channels, X Y BEV cells; output
 (B, C, X, Y) indexed [x, y] like the occupancy grid (DESIGN.md section 3). R = N*D*h*w frustum

@@ -225,12 +225,13 @@ def street_lamp(rng: np.random.Generator) -> Asset:
     grey = jitter(rng, (0.35, 0.36, 0.38))
     if rng.random() < 0.35:
         plate = jitter(rng, rng.choice([(0.1, 0.3, 0.7), (0.8, 0.1, 0.1), (0.9, 0.9, 0.9)]))
-        return Asset("manmade", (0.3, 0.8, 2.8), (
+        return Asset("manmade", (0.3, 0.8, 2.8), (  # a sign post
             post(0, 0, 0.06, 0.0, 2.8, METAL, grey),
             grounded_box(0.0, 0.0, 0.06, 0.8, 2.0, 2.8, PLAIN, plate),
         ))
     arm = rng.uniform(1.0, 2.0)
-    return Asset("manmade", (arm, 0.3, h), (
+    # The footprint is the pole's: the arm passes high above everything else.
+    return Asset("manmade", (0.3, 0.3, h), (
         post(0, 0, rng.uniform(0.08, 0.14), 0.0, h, METAL, grey),
         grounded_box(0.5 * arm, 0, arm, 0.15, h - 0.15, h, METAL, grey),
     ))

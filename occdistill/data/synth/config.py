@@ -106,14 +106,16 @@ class RenderConfig:
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Visibility-mask ray casting. ``camera_ray_stride``: one camera ray per s x s pixel block
-    (1 = every pixel, as Occ3D); 2 keeps the ray spacing below half a voxel within the default grid."""
+    """Camera visibility-mask rays: neighbouring rays are at most ``ray_spacing`` voxels apart
+    where they leave the grid or hit the ground (see voxelize.camera_mask_rays). Occ3D casts one
+    ray per pixel of a 1600x900 image; against 6x denser rays, 1.0 leaves ~3% of the observed
+    voxels unobserved at the default and the full Occ3D grid (measured), 0.5 ~1.5% at 4x the cost."""
 
-    camera_ray_stride: int = 2
+    ray_spacing: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.camera_ray_stride < 1:
-            raise ValueError("mask.camera_ray_stride must be >= 1")
+        if not 0.05 <= self.ray_spacing <= 4.0:
+            raise ValueError("mask.ray_spacing must be within [0.05, 4] voxels")
 
 
 @dataclass(frozen=True)

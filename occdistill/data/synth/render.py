@@ -62,14 +62,9 @@ class GroundModel(Protocol):
         ...
 
 
-def pinhole_rays(ref_from_cam: np.ndarray, intrinsic: np.ndarray, width: int, height: int, stride: int = 1) -> RayImage:
-    """Rays through the pixel centres (c + 0.5, r + 0.5) of every ``stride``-th pixel (block
-    centres when stride > 1)."""
-    cols = np.arange(0, width, stride) + 0.5 * stride
-    rows = np.arange(0, height, stride) + 0.5 * stride
-    cols = np.minimum(cols, width - 0.5)
-    rows = np.minimum(rows, height - 0.5)
-    u, v = np.meshgrid(cols, rows)  # (h, w)
+def pinhole_rays(ref_from_cam: np.ndarray, intrinsic: np.ndarray, width: int, height: int) -> RayImage:
+    """Rays through the pixel centres (c + 0.5, r + 0.5)."""
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)  # (H, W)
     k_inv = np.linalg.inv(intrinsic)
     pix = np.stack([u, v, np.ones_like(u)], axis=-1)
     d_cam = pix @ k_inv.T
@@ -114,16 +109,6 @@ def pinhole_rects(
     rects = np.stack([r0, r1, c0, c1], axis=1).astype(np.int64)
     rects[~any_valid] = 0
     return rects
-
-
-def strided_rects(rects: np.ndarray, stride: int) -> np.ndarray:
-    """Pixel rectangles -> rectangles of the stride-s ray grid of :func:`pinhole_rays`."""
-    if stride == 1:
-        return rects
-    out = rects.copy()
-    out[:, [0, 2]] = rects[:, [0, 2]] // stride
-    out[:, [1, 3]] = -(-rects[:, [1, 3]] // stride)
-    return out
 
 
 def spherical_rays(ref_from_sensor: np.ndarray, elevations: np.ndarray, azimuths: np.ndarray) -> RayImage:

@@ -24,7 +24,7 @@ from occdistill.data.synth.config import RoomConfig
 from occdistill.data.synth.render import cast, pinhole_rays, pinhole_rects, surface
 from occdistill.data.synth.scene_room import RoomScene
 from occdistill.data.synth.shading import Lighting, shade
-from occdistill.data.synth.voxelize import observed_by_rays, voxelize
+from occdistill.data.synth.voxelize import camera_mask_rays, observed_by_rays, voxelize
 from occdistill.geometry.camera import project
 from occdistill.geometry.grid import VoxelGrid
 from occdistill.geometry.transforms import invert_rigid, transform_points
@@ -100,8 +100,8 @@ def render_room_frame(cfg: RoomConfig, scene: RoomScene, frame: int) -> RoomFram
     in_view = (z > 0) & (uv[..., 0] >= 0) & (uv[..., 0] < cam.width) & (uv[..., 1] >= 0) & (uv[..., 1] < cam.height)
     known = in_view & scene.inside_room(centers)
     target = np.where(known, labels, UNKNOWN).astype(np.uint8)
-    mrays = pinhole_rays(world_from_cam, k, cam.width, cam.height, cfg.mask.camera_ray_stride)
-    mask = observed_by_rays(labels != EMPTY, grid, mrays.origin, mrays.dirs.reshape(-1, 3))
+    origin, dirs = camera_mask_rays(world_from_cam, k, cam.width, cam.height, grid, cfg.mask.ray_spacing)
+    mask = observed_by_rays(labels != EMPTY, grid, origin, dirs)
     return RoomFrame(
         cam_pose=world_from_cam, intrinsic=k.copy(), voxel_origin=grid.lower.copy(), rgb=rgb,
         semantic=sem.reshape(cam.height, cam.width), depth_mm=depth, target_1_4=target,

@@ -35,6 +35,8 @@ from occdistill.data.synth.shading import cell_hash, noise
 
 DRIVEABLE, OTHER_FLAT, SIDEWALK, TERRAIN = IDS["driveable_surface"], IDS["other_flat"], IDS["sidewalk"], IDS["terrain"]
 BUILDINGS, PARK, PARKING, CONSTRUCTION, PLAZA = range(5)
+START_CLEAR = 35.0  # no cross street within this distance (m) of the ego start at u = 0
+FURNITURE_W = 1.4  # road-side furniture zone width (m); its objects are at most 1.3 m wide across
 _LOT_CLASS_CHOICES = {
     BUILDINGS: (SIDEWALK, TERRAIN), PARK: (TERRAIN,), PARKING: (DRIVEABLE,), CONSTRUCTION: (TERRAIN, OTHER_FLAT),
     PLAZA: (OTHER_FLAT,),
@@ -256,9 +258,10 @@ class _SceneBuilder:
         A.add_asset(self.static, asset, u, v, yaw, IDS, STREET_PRIORITY)
         return True
 
-    def place_mover(self, asset: Asset, u: float, v: float, heading: float, speed: float, reserve: bool) -> bool:
+    def place_mover(self, asset: Asset, u: float, v: float, heading: float, speed: float, reserve: bool,
+                    margin: float = 0.3) -> bool:
         """A detection object; parked ones (``reserve``) also take their footprint."""
-        if reserve and not self.placer.take(*_footprint(asset, u, v, heading, 0.3)):
+        if reserve and not self.placer.take(*_footprint(asset, u, v, heading, margin)):
             return False
         b = PrimitiveBuilder()
         A.add_asset(b, asset, 0.0, 0.0, 0.0, IDS, STREET_PRIORITY)
@@ -283,13 +286,15 @@ def _make_layout(rng: np.random.Generator, u_lo: float, u_hi: float) -> StreetLa
     lane_width = rng.uniform(3.3, 3.7)
     median = rng.uniform(0.8, 1.6) if rng.random() < 0.4 else 0.0
     parking = (rng.uniform(2.3, 2.7), rng.uniform(2.2, 2.6) if rng.random() < 0.6 else 0.0)
-    verge = tuple(rng.uniform(1.2, 2.5) if rng.random() < 0.6 else 0.0 for _ in range(2))
+    verge = tuple(rng.uniform(FURNITURE_W, 2.5) if rng.random() < 0.6 else 0.0 for _ in range(2))
     verge_cls = tuple(TERRAIN if rng.random() < 0.65 else OTHER_FLAT for _ in range(2))
     if median == 0 and OTHER_FLAT not in [c for c, w in zip(verge_cls, verge) if w > 0]:
-        verge, verge_cls = (max(verge[0], rng.uniform(1.2, 2.0)), verge[1]), (OTHER_FLAT, verge_cls[1])
-    sidewalk = (rng.uniform(2.6, 4.5), rng.uniform(2.6, 4.5))
+        verge, verge_cls = (max(verge[0], rng.uniform(FURNITURE_W, 2.0)), verge[1]), (OTHER_FLAT, verge_cls[1])
+    sidewalk = (rng.uniform(3.0, 4.8), rng.uniform(3.0, 4.8))
     cross, u = [], u_lo + rng.uniform(15, 70)
     while u < u_hi:
+        if abs(u) < START_CLEAR:  # the start set (near u = 0) needs an uninterrupted parking lane
+            u = START_CLEAR + rng.uniform(0, 10)
         cross.append((u, rng.uniform(3.5, 5.5)))
         u += rng.uniform(70, 150)
     edges, kinds, lots = [], [], []
@@ -342,31 +347,28 @@ def _fill_lane(sb: _SceneBuilder, v: float, heading: float, speed: float, lo: fl
 
 def _start_set(sb: _SceneBuilder, u_start: float) -> None:
     """Roadworks and rarer objects along the right parking lane, furniture zone and lot edge next
-    to the ego start."""
+    to the ego start (the lamp arm, local +x, reaches over the road)."""
     rng, lay = sb.rng, sb.layout
     v_park = -(lay.curb(0) - 0.5 * lay.parking[0])
     items = [A.construction_vehicle(rng), A.trailer(rng), A.motorcycle(rng, ridden=False)]
     rng.shuffle(items)
     u = u_start - rng.uniform(12, 16)
-    for asset in items:
+    for asset in items:  # each vehicle followed by barriers and cones, 0.5 m apart
         u += 0.5 * asset.size[0]
-        if lay.cross_distance(np.array([u]))[0] > 0.5 * asset.size[0] + 2:
-            sb.place_mover(_fit_width(asset, lay.parking[0]), u, v_park, 0.0, 0.0, reserve=True)
-        u += 0.5 * asset.size[0] + rng.uniform(1.0, 2.5)
-        for _ in range(rng.integers(1, 3)):  # barriers and cones after each vehicle
-            b = A.barrier(rng)
-            if sb.place_mover(b, u + 0.5 * b.size[0], v_park + rng.uniform(-0.3, 0.3), 0.0, 0.0, reserve=True):
-                u += b.size[0] + 0.3
-            c = A.traffic_cone(rng)
-            if sb.place_mover(c, u + 0.3, v_park + rng.uniform(-0.6, 0.6), 0.0, 0.0, reserve=True):
-                u += 0.9
+        sb.place_mover(_fit_width(asset, lay.parking[0]), u, v_park, 0.0, 0.0, reserve=True, margin=0.2)
+        u += 0.5 * asset.size[0] + 0.5
+        for _ in range(rng.integers(1, 3)):
+            for item, dv in ((A.barrier(rng), 0.3), (A.traffic_cone(rng), 0.6)):
+                u += 0.5 * item.size[0]
+                sb.place_mover(item, u, v_park + rng.uniform(-dv, dv), 0.0, 0.0, reserve=True, margin=0.2)
+                u += 0.5 * item.size[0] + 0.5
     a_furniture = _furniture_offset(lay, 0)
     u = u_start - rng.uniform(4, 8)
-    for obj in (A.bicycle(rng, ridden=False), A.clutter(rng), A.clutter(rng)):
-        if obj.cls_name == "others":
-            sb.place_static(obj, u, -a_furniture, 0.0)
+    for obj in (A.bicycle(rng, ridden=False), A.clutter(rng), A.street_lamp(rng), A.clutter(rng)):
+        if obj.cls_name in ("others", "manmade"):
+            sb.place_static(obj, u, -a_furniture, np.pi / 2 if obj.cls_name == "manmade" else 0.0, margin=0.1)
         else:
-            sb.place_mover(obj, u, -a_furniture, 0.0, 0.0, reserve=True)
+            sb.place_mover(obj, u, -a_furniture, 0.0, 0.0, reserve=True, margin=0.1)
         u += rng.uniform(2.5, 5.0)
     # A standing pedestrian at the lot edge, clear of the walking lanes.
     sb.place_mover(A.pedestrian(rng), u, -(lay.lot_start(0) + 0.6), rng.uniform(-np.pi, np.pi), 0.0, reserve=True)
@@ -384,9 +386,14 @@ def _fit_width(asset: Asset, lane: float) -> Asset:
 
 
 def _furniture_offset(lay: StreetLayout, side: int) -> float:
-    """|v| of the furniture zone centre: the verge if it is wide enough, else the first metre of
-    the sidewalk (the walking lanes start after it)."""
-    return lay.curb(side) + (0.5 * lay.verge[side] if lay.verge[side] >= 1.2 else 0.5)
+    """|v| of the furniture zone centre: the verge if there is one (always >= FURNITURE_W wide),
+    else the first FURNITURE_W metres of the sidewalk (the walking lanes start after them)."""
+    return lay.curb(side) + 0.5 * (lay.verge[side] if lay.verge[side] > 0 else FURNITURE_W)
+
+
+def _walk_start(lay: StreetLayout, side: int) -> float:
+    """|v| where the walking lanes begin."""
+    return lay.sidewalk_start(side) + (0.0 if lay.verge[side] > 0 else FURNITURE_W)
 
 
 def _furniture(sb: _SceneBuilder, side: int, lo: float, hi: float, density: float) -> None:
@@ -403,13 +410,13 @@ def _furniture(sb: _SceneBuilder, side: int, lo: float, hi: float, density: floa
                 if sb.placer.take(u - 0.5, u + 0.5, sign * a - 0.5, sign * a + 0.5):
                     A.add_asset(sb.static, A.tree(rng, max_crown=2.0), u, sign * a, 0.0, IDS, STREET_PRIORITY)
             elif r < 0.65:  # the lamp arm (local +x) reaches over the road
-                sb.place_static(A.street_lamp(rng), u, sign * (lay.curb(side) + 0.35), np.pi / 2 * (1 if side == 0 else -1))
+                sb.place_static(A.street_lamp(rng), u, sign * (lay.curb(side) + 0.35), np.pi / 2 * (1 if side == 0 else -1), margin=0.1)
             elif r < 0.82:
-                sb.place_static(A.clutter(rng), u, sign * a, 0.0)
+                sb.place_static(A.clutter(rng), u, sign * a, 0.0, margin=0.1)
             elif r < 0.92:
-                sb.place_mover(A.bicycle(rng, ridden=False), u, sign * a, rng.choice([0.0, np.pi]), 0.0, reserve=True)
+                sb.place_mover(A.bicycle(rng, ridden=False), u, sign * a, rng.choice([0.0, np.pi]), 0.0, reserve=True, margin=0.1)
             else:
-                sb.place_mover(A.traffic_cone(rng), u, sign * a, 0.0, 0.0, reserve=True)
+                sb.place_mover(A.traffic_cone(rng), u, sign * a, 0.0, 0.0, reserve=True, margin=0.1)
         u += rng.uniform(5.0, 13.0) / max(density, 1e-3)
 
 
@@ -514,7 +521,7 @@ def _pedestrians(sb: _SceneBuilder, side: int, lo: float, hi: float, density: fl
     """Two walking lanes per sidewalk, one each way, each at its own walking speed."""
     rng, lay = sb.rng, sb.layout
     sign = -1.0 if side == 0 else 1.0
-    w0 = lay.sidewalk_start(side) + (0.0 if lay.verge[side] >= 1.2 else 1.0)
+    w0 = _walk_start(lay, side)
     width = lay.lot_start(side) - w0
     for j, heading in enumerate((0.0, np.pi)):
         a = w0 + width * (0.3 + 0.45 * j)
@@ -557,10 +564,10 @@ def build_street_scene(cfg: StreetConfig, index: int) -> StreetScene:
                 lane_speed, keep_out = rng.uniform(2.0, 12.0), None
             rel = abs(lane_speed * (1 if side == 0 else -1) - speed) * duration
             if side == 1 and k == 0:  # a bus and a truck near the ego start, then the rest of the lane
-                u0 = u = u_e0 + rng.uniform(-15.0, 0.0)
+                u0 = u = u_e0 + rng.uniform(10.0, 25.0)
                 for asset in (A.bus(rng), A.truck(rng)):
                     sb.place_mover(asset, u + 0.5 * asset.size[0], v, heading, lane_speed, reserve=False)
-                    u += asset.size[0] + rng.uniform(*gap)
+                    u += asset.size[0] + gap[0] + rng.uniform(0.0, 4.0)
                 _fill_lane(sb, v, heading, lane_speed, lo - rel, u0 - gap[0], None, gap)
                 _fill_lane(sb, v, heading, lane_speed, u, hi + rel, None, gap)
             else:

@@ -23,7 +23,7 @@ from occdistill.data.synth.config import StreetConfig
 from occdistill.data.synth.render import GROUND, cast, pinhole_rays, pinhole_rects, spherical_rays, spherical_rects, surface
 from occdistill.data.synth.scene_street import StreetScene, ego_pose_road, primitives_in_ego
 from occdistill.data.synth.shading import Lighting, shade
-from occdistill.data.synth.voxelize import observed_by_rays, voxelize
+from occdistill.data.synth.voxelize import camera_mask_rays, observed_by_rays, voxelize
 from occdistill.geometry.transforms import invert_rigid, rotmat_to_quat, transform_from_quat, yaw_transform
 
 FREE = OCC3D_NUSCENES.free_index
@@ -133,7 +133,6 @@ def render_street_frame(cfg: StreetConfig, scene: StreetScene, frame: int) -> St
     exposure = rng.uniform(*cfg.render.exposure_range)
 
     renders, mask_origins, mask_dirs = [], [], []
-    stride = cfg.mask.camera_ray_stride
     for cam in calib.cameras:
         ref_from_cam = calib.keyego_from_cam(cam)
         rays = pinhole_rays(ref_from_cam, cam.intrinsic, cam.width, cam.height)
@@ -152,11 +151,9 @@ def render_street_frame(cfg: StreetConfig, scene: StreetScene, frame: int) -> St
         depth = np.where(np.isfinite(hits.t), np.round(hits.t * 1000.0), 0.0)
         depth = np.where(depth > 65535, 0, depth).astype(np.uint16)
         renders.append(CameraRender(cam.name, rgb, sem.reshape(cam.height, cam.width), depth))
-        if stride == 1:
-            mask_dirs.append(rays.dirs.reshape(-1, 3))
-        else:
-            mask_dirs.append(pinhole_rays(ref_from_cam, cam.intrinsic, cam.width, cam.height, stride).dirs.reshape(-1, 3))
-        mask_origins.append(np.broadcast_to(rays.origin, mask_dirs[-1].shape))
+        origin, dirs = camera_mask_rays(ref_from_cam, cam.intrinsic, cam.width, cam.height, grid, cfg.mask.ray_spacing)
+        mask_dirs.append(dirs)
+        mask_origins.append(np.broadcast_to(origin, dirs.shape))
 
     # LiDAR sweep at the keyframe time.
     lidar = scene.lidar

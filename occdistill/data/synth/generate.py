@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -160,7 +160,10 @@ def generate(
                 _make_frame(cfg, str(root), s, f)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            # fork where the platform has it: children only run numpy, and unlike spawn it works
+            # from scripts without a __main__ guard.
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method)) as pool:
                 for fut in as_completed([pool.submit(_make_frame, cfg, str(root), s, f) for s, f in todo]):
                     fut.result()
                     bar.update(1)

@@ -20,6 +20,9 @@ CVPR2023-3D-Occupancy-Prediction ``projects/mmdet3d_plugin/datasets/occ_metrics.
   differs: it gives NaN to any class without GT voxels; we follow the devkit.)
 - The devkit does not check predictions; a value outside 0..17 lands in a wrong cell or crashes
   the reshape. We reject it (``ValueError``) instead.
+- The devkit's ``class_names`` list (used only for printing) is in another order (others, car,
+  truck, ...) than its label indices; we name classes by the Occ3D index table (DESIGN.md
+  section 4: 0 others, 1 barrier, ..., 16 vegetation, 17 free), which is what the labels mean.
 - Geometry IoU is not in the devkit; DESIGN.md section 7 defines it: occupied = class != free,
   same camera mask, pooled TP / (TP + FP + FN). It is read off the same confusion matrix.
 """

@@ -38,8 +38,21 @@ What was confirmed, and where (MCG-NJU/SparseOcc; the OPUS and FlashOCC copies c
   0/0, so a class predicted but absent from GT scores 0), RayIoU@tau = nanmean over the non-free
   classes and RayIoU = nanmean over all thresholds x classes. No camera mask is used.
 
+Consequences worth knowing (all reproduced, none in DESIGN.md section 7):
+- When more than 8 keyframes are in range the rounded linspace may skip the current frame itself.
+- A ray that never enters the volume (an origin above 5.4 m looking up) keeps depth -0.4 m and the
+  label of voxel (0, 0, 0); it is evaluated whenever that voxel is not free in the GT.
+- The kernel starts from the truncated (not floored) origin, so for an origin just below a grid
+  face the start voxel is the first layer inside.
+- Variants: OpenDriveLab/OccNet's CVPR 2024 packaging casts origins to float32 and uses the
+  17-class OpenOcc table (free = 16); we follow SparseOcc (float64 origins, Occ3D table).
+
 Our casting is an exact vectorised transcription of that traversal (float64, the same operation
-order, the same tie rule), checked against :func:`cast_rays_reference`, a plain per-ray loop.
+order, the same tie rule), checked against :func:`cast_rays_reference`, a plain per-ray loop. One
+trap found on the way: torch's vectorised CPU float64 ``sqrt`` is not correctly rounded (1 ulp off
+for ~1.5 % of inputs here) while the kernel's is; the ray norm therefore goes through numpy on CPU.
+Not verified on a GPU: nvcc may contract ``rx*rx + ry*ry + rz*rz`` into FMAs, which could flip an
+exact DDA tie in the last ulp relative to the CPU arithmetic reproduced here.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def trailer(rng: np.random.Generator) -> Asset:
     l, w, h = rng.uniform(7.0, 11.0), rng.uniform(2.4, 2.6), rng.uniform(3.2, 3.9)
     col = jitter(rng, rng.choice([(0.82, 0.82, 0.8), (0.55, 0.2, 0.12), (0.2, 0.3, 0.45)]))
     return Asset("trailer", (l, w, h), (
-        grounded_box(-0.4, 0.0, l - 0.8, w, 0.0, h, STRIPES if rng.random() < 0.3 else PLAIN, col),
+        grounded_box(-0.4, 0.0, l - 0.8, w, 0.0, h, PLAIN, col),
         grounded_box(0.5 * l - 0.4, 0.0, 0.8, 0.3, 0.0, 0.9, METAL, (0.2, 0.2, 0.2)),
     ))
 

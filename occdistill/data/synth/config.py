@@ -177,7 +177,7 @@ class RoomCameraConfig:
     height: int = 480
     hfov_deg: float = 58.0
     height_range: tuple[float, float] = (1.2, 1.6)  # camera height above the floor (m)
-    pitch_range_deg: tuple[float, float] = (-25.0, -8.0)  # negative = looking down
+    pitch_range_deg: tuple[float, float] = (-22.0, 2.0)  # negative = looking down
 
     def __post_init__(self) -> None:
         if self.width < 8 or self.height < 8:

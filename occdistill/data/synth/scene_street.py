@@ -70,8 +70,8 @@ class StreetLayout:
     def lot_start(self, side: int) -> float:
         return self.sidewalk_start(side) + self.sidewalk[side]
 
-    def lane_centers(self, side: int) -> list[float]:
-        """|v| of each travel lane centre on a side, inner lane first."""
+    def lane_centers(self) -> list[float]:
+        """|v| of the travel lane centres (the same on both sides), inner lane first."""
         return [self.median + (k + 0.5) * self.lane_width for k in range(self.lanes)]
 
     def cross_distance(self, u: np.ndarray) -> np.ndarray:
@@ -270,8 +270,6 @@ class _SceneBuilder:
         return True
 
     def movers(self) -> Movers:
-        if not self.mover_rows:
-            raise RuntimeError("a street scene without objects")  # cannot happen: start set is guaranteed
         parts = Primitives.concat(self.mover_parts)
         owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(self.mover_parts)])
         names, size, u, v, hd, sp = zip(*self.mover_rows)
@@ -546,7 +544,7 @@ def build_street_scene(cfg: StreetConfig, index: int) -> StreetScene:
     sb = _SceneBuilder(layout, rng)
 
     lane = rng.integers(layout.lanes)
-    ego = EgoTrack(u_e0, -layout.lane_centers(0)[lane], speed, min(0.35, 0.04 * speed), rng.uniform(8, 16), rng.uniform(0, 2 * np.pi))
+    ego = EgoTrack(u_e0, -layout.lane_centers()[lane], speed, min(0.35, 0.04 * speed), rng.uniform(8, 16), rng.uniform(0, 2 * np.pi))
     _start_set(sb, u_e0)
     for side in (0, 1):
         _parking_lane(sb, side, lo, hi, sc.clutter_density)
@@ -555,7 +553,7 @@ def build_street_scene(cfg: StreetConfig, index: int) -> StreetScene:
         _pedestrians(sb, side, lo, hi, sc.traffic_density, duration)
     gap = (8.0 / max(sc.traffic_density, 1e-3), 40.0 / max(sc.traffic_density, 1e-3))
     for side in (0, 1):
-        for k, a in enumerate(layout.lane_centers(side)):
+        for k, a in enumerate(layout.lane_centers()):
             v = -a if side == 0 else a
             heading = 0.0 if side == 0 else np.pi
             if side == 0 and k == lane:

@@ -70,8 +70,8 @@ def material_albedo(material: np.ndarray, color: np.ndarray, local: np.ndarray, 
             c[(zr > 0.55) & (zr < 0.9)] = (0.12, 0.14, 0.18)
             c[zr < 0.15] *= 0.3
         elif m == STRIPES:
-            zr = (p[:, 2] + h[:, 2]) / (2 * h[:, 2])
-            band = np.mod(np.floor(zr * 4 + 0.3 * np.sin(p[:, 0] * 2.0)), 2) == 1
+            # Diagonal warning stripes on barriers; on a thin cone they read as horizontal bands.
+            band = np.mod(np.floor((p[:, 0] + p[:, 1] + p[:, 2]) / 0.3), 2) == 1
             c[band] = (0.95, 0.95, 0.92)
         elif m == FOLIAGE:
             c *= (0.75 + 0.35 * noise(p, 4.0) + 0.15 * noise(p, 11.0))[:, None]

@@ -176,7 +176,8 @@ def render_street_frame(cfg: StreetConfig, scene: StreetScene, frame: int) -> St
     sem3d = voxelize(prims, grid, FREE, ground_cls.reshape(grid.shape[:2]))
     occupied = sem3d != FREE
     mask_camera = observed_by_rays(occupied, grid, np.concatenate(mask_origins), np.concatenate(mask_dirs))
-    mask_lidar = observed_by_rays(occupied, grid, lrays.origin, lrays.dirs.reshape(-1, 3))
+    # LiDAR rays without a return observe nothing (no range): only rays with a return count.
+    mask_lidar = observed_by_rays(occupied, grid, lrays.origin, lrays.dirs.reshape(-1, 3)[lsurf.flat])
 
     hit_owner = view.owner[lsurf.index[lsurf.index >= 0]]
     per_mover = np.bincount(hit_owner[hit_owner >= 0], minlength=len(scene.movers.names))

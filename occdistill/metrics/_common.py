@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,3 +45,23 @@ def percent(x: float | None) -> float | None:
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return None
     return float(x) * 100.0
+
+
+@contextmanager
+def single_thread(device: torch.device | str | None) -> Iterator[None]:
+    """Run the enclosed metric code with one intra-op thread on CPU (no-op on other devices).
+
+    Metric updates are many small or medium ops; with two intra-op threads each op pays a thread
+    barrier, and when the other core is busy (a shared machine, a data loader) ops stall. On this
+    2-core machine under load we measured RayIoU at 0.1-0.14 s per sample with one thread against
+    0.2 to 4 s with two, and the voxel mIoU update at 2 ms against 15-23 ms.
+    """
+    if torch.device(device if device is not None else "cpu").type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from occdistill.data.classes import OCC3D_NUSCENES, ClassTable
-from occdistill.metrics._common import as_bool_tensor, as_label_tensor, nanmean, reduce_sum_distributed
+from occdistill.metrics._common import single_thread, as_bool_tensor, as_label_tensor, nanmean, reduce_sum_distributed
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,10 @@ class Occ3DAccumulator:
     ) -> None:
         """pred, gt: (X, Y, Z) or (B, X, Y, Z) integer labels; mask: same shape, bool or 0/1
         (``mask_camera``; required when ``use_mask``). Predictions must lie in 0..K-1."""
+        with single_thread(self.device):
+            self._update(pred, gt, mask)
+
+    def _update(self, pred, gt, mask) -> None:
         K = self.classes.num_classes
         p = as_label_tensor(pred, self.device)
         g = as_label_tensor(gt, self.device)

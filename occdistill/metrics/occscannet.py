@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from occdistill.data.classes import OCC_SCANNET, ClassTable
-from occdistill.metrics._common import as_label_tensor, reduce_sum_distributed
+from occdistill.metrics._common import single_thread, as_label_tensor, reduce_sum_distributed
 
 PROTOCOLS = {
     "iso": "ISO (hongxiaoy/ISO): target 255 -> empty before SSCMetrics; all voxels evaluated; "
@@ -89,6 +89,10 @@ class OccScanNetAccumulator:
     def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
         """pred: (X, Y, Z) or (B, X, Y, Z) class ids in 0..K-1 (argmax of the logits);
         target: same shape, 0..K-1 or the ignore label (255)."""
+        with single_thread(self.device):
+            self._update(pred, target)
+
+    def _update(self, pred, target) -> None:
         K = self.classes.num_classes
         ignore = self.classes.ignore_index
         p = as_label_tensor(pred, self.device)

@@ -68,7 +68,7 @@ import torch
 
 from occdistill.data.classes import OCC3D_NUSCENES, ClassTable
 from occdistill.geometry.grid import OCC3D_GRID, VoxelGrid
-from occdistill.metrics._common import as_label_tensor, nanmean, reduce_sum_distributed
+from occdistill.metrics._common import as_label_tensor, nanmean, reduce_sum_distributed, single_thread
 
 RAYIOU_THRESHOLDS: tuple[float, ...] = (1.0, 2.0, 4.0)
 MAX_ORIGINS = 8
@@ -300,7 +300,7 @@ def _cast(
         raise ValueError(f"at most {_MAX_GRIDS} grids per call, got {G}")
     dev = occupied.device
     N = origin_vox.shape[0] * end_vox.shape[1]
-    with _single_thread(dev):
+    with single_thread(dev):
         v, step, tmax, tdelta = _ray_setup(origin_vox, end_vox, dev)
         size = torch.tensor([X, Y, Z], device=dev)
 
@@ -335,25 +335,6 @@ def _cast(
                 depth[g, gid] = t[m]
                 flat[g, gid] = f[m].long()
     return depth, flat
-
-
-class _single_thread:
-    """Run RayIoU single-threaded on CPU. The traversal is hundreds of small ops per sample; with
-    two intra-op threads each op pays a thread barrier, and when the other core is busy (a shared
-    machine) ops stall: on this 2-core machine we measured 0.1-0.14 s per sample with one thread
-    against 0.2 to 4 s with two while other jobs ran."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.active = device.type == "cpu"
-
-    def __enter__(self) -> None:
-        if self.active:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            torch.set_num_threads(self.saved)
 
 
 def _enter_volume(
@@ -647,7 +628,7 @@ class RayIoUAccumulator:
             self._update_one(p[b], g[b], origins[b])
 
     def _update_one(self, pred: torch.Tensor, gt: torch.Tensor, origins: Any) -> None:
-        with _single_thread(pred.device):
+        with single_thread(pred.device):
             self._update_one_impl(pred, gt, origins)
 
     def _update_one_impl(self, pred: torch.Tensor, gt: torch.Tensor, origins: Any) -> None:

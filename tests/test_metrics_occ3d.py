@@ -183,3 +183,17 @@ def test_metrics_from_confusion_matches_accumulator():
     m = acc.compute()
     m2 = occ3d_metrics_from_confusion(m.confusion, OCC3D_NUSCENES, 1)
     assert m2.miou == m.miou and m2.iou_geometry == m.iou_geometry
+
+
+def test_read_only_and_mixed_dtype_inputs():
+    rng = np.random.default_rng(5)
+    gt = rng.integers(0, 18, (6, 6, 3), dtype=np.uint8)
+    pred = rng.integers(0, 18, (6, 6, 3)).astype(np.int64)
+    mask = rng.random(gt.shape) < 0.5
+    for a in (gt, mask):
+        a.flags.writeable = False  # as a memory-mapped file would be
+    acc = Occ3DAccumulator()
+    acc.update(pred, gt, mask)
+    ref = Occ3DAccumulator()
+    ref.update(torch.from_numpy(pred.astype(np.uint8)), torch.from_numpy(gt.copy()), torch.from_numpy(mask.copy()))
+    np.testing.assert_array_equal(acc.compute().confusion, ref.compute().confusion)

@@ -10,9 +10,16 @@ import numpy as np
 import torch
 
 
+def _from_numpy(x: np.ndarray) -> torch.Tensor:
+    """Zero-copy when possible; read-only arrays (memory maps) are copied, since torch tensors
+    cannot be read-only."""
+    a = np.ascontiguousarray(x)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def as_label_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """Integer label array (numpy or torch) -> torch tensor on ``device`` (zero-copy for CPU numpy)."""
-    t = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    t = x if torch.is_tensor(x) else _from_numpy(x)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"labels must be an integer array, got dtype {t.dtype}")
     return t.to(device) if device is not None else t
@@ -21,7 +28,7 @@ def as_label_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | N
 def as_bool_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
     """A mask as bool. A uint8 0/1 mask must never be used as an index array (integer fancy
     indexing picks wrong voxels silently), so any non-bool mask is cast with ``!= 0`` here."""
-    t = x if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
+    t = x if torch.is_tensor(x) else _from_numpy(x)
     t = t if t.dtype == torch.bool else t != 0
     return t.to(device) if device is not None else t
 

@@ -1,0 +1,1 @@
+"""Models: students and teachers assembled from :mod:`occdistill.nn` blocks; outputs are typed."""

@@ -89,6 +89,7 @@ def machine() -> dict:
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "metric_threads": "1 (the metric updates scope torch to one intra-op thread on CPU)",
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "metrics",
-        "command": "python benchmarks/bench_metrics.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python benchmarks/bench_metrics.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(),
         "load_average_before": load_before,
         "load_average_after": loadavg(),

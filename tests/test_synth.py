@@ -315,3 +315,13 @@ def test_room_voxels_project_onto_their_class_xyz_order(room):
     (1, 0, 2) transpose that some Occ-ScanNet loaders apply is not."""
     assert room_consistency(room, "train_subscenes.txt") >= 0.95
     assert room_consistency(room, "train_subscenes.txt", (1, 0, 2)) < 0.8
+
+
+def test_project_readers_load_both_presets(street, room):
+    from occdistill.data.build import open_dataset
+
+    ds = open_dataset("occ3d", street, street / "occdistill_infos_val.pkl", rendered_maps=True)
+    sample = ds[len(ds) - 1]
+    assert tuple(sample.images.shape) == (6, 3, 180, 320) and tuple(sample.semantics.shape) == (100, 100, 16)
+    ds = open_dataset("occscannet", room, rendered_maps=True)
+    assert len(ds) == 4 and tuple(ds[0].semantics.shape) == (60, 60, 36)

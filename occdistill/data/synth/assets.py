@@ -332,16 +332,14 @@ def add_asset(
     yaw: float,
     class_ids: dict[str, int],
     priority: dict[str, int],
-    z: float = 0.0,
-) -> int:
-    """Place ``asset`` at (x, y, z) with heading ``yaw`` into ``builder``; returns its instance id."""
+) -> None:
+    """Place ``asset`` at (x, y) on the ground with heading ``yaw`` into ``builder``."""
     inst = builder.new_instance()
     c, s = np.cos(yaw), np.sin(yaw)
     for p in asset.parts:
         px, py, pz = p.center
-        builder.add(p.kind, (x + c * px - s * py, y + s * px + c * py, z + pz), p.half, yaw + p.yaw,
+        builder.add(p.kind, (x + c * px - s * py, y + s * px + c * py, pz), p.half, yaw + p.yaw,
                     class_ids[asset.cls_name], p.material, p.color, priority[asset.cls_name], inst)
-    return inst
 
 
 STREET_IDS = {n: i for i, n in enumerate(OCC.names)}

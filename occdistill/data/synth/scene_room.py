@@ -140,18 +140,21 @@ def build_room_scene(cfg: RoomConfig, index: int) -> RoomScene:
     cam_h = rng.uniform(*cfg.camera.height_range) + rng.uniform(-0.05, 0.05, frames)
     cam_pitch = np.radians(rng.uniform(*cfg.camera.pitch_range_deg, frames))
 
-    def put(asset: Asset, x: float, y: float, yaw: float, z: float = 0.0) -> bool:
-        if z == 0.0 and not placer.take(_footprint(asset, x, y, yaw)):
+    def put(asset: Asset, x: float, y: float, yaw: float) -> bool:
+        """Place on the floor if the footprint is free."""
+        if not placer.take(_footprint(asset, x, y, yaw)):
             return False
-        A.add_asset(b, asset, x, y, yaw, IDS, ROOM_PRIORITY, z)
+        A.add_asset(b, asset, x, y, yaw, IDS, ROOM_PRIORITY)
         return True
 
-    def on_top(asset_w: float, asset_d: float, top: float, x: float, y: float, n: int) -> None:
+    def on_top(base: Asset, x: float, y: float, yaw: float, n: int) -> None:
+        """``n`` small objects standing on the top of ``base`` (placed at x, y, yaw)."""
+        c, s = np.cos(yaw), np.sin(yaw)
         for _ in range(n):
-            obj = A.small_object(rng, top)
-            ox = rng.uniform(-0.35, 0.35) * max(asset_w - obj.size[0], 0.0)
-            oy = rng.uniform(-0.35, 0.35) * max(asset_d - obj.size[1], 0.0)
-            A.add_asset(b, obj, x + ox, y + oy, rng.uniform(0, np.pi), IDS, ROOM_PRIORITY)
+            obj = A.small_object(rng, base.size[2])
+            lx = rng.uniform(-0.35, 0.35) * max(base.size[0] - obj.size[0], 0.0)
+            ly = rng.uniform(-0.35, 0.35) * max(base.size[1] - obj.size[1], 0.0)
+            A.add_asset(b, obj, x + c * lx - s * ly, y + s * lx + c * ly, rng.uniform(0, np.pi), IDS, ROOM_PRIORITY)
 
     walls = list(rng.permutation(4))
     # Large pieces against the walls.
@@ -164,7 +167,7 @@ def build_room_scene(cfg: RoomConfig, index: int) -> RoomScene:
             x, y, yaw = _against_wall(lo, hi, wall, rng.uniform(0.15, 0.85), asset.size[0])
             if put(asset, x, y, yaw):
                 if asset.cls_name == "furniture" and asset.size[2] < 1.3:
-                    on_top(asset.size[1], asset.size[0], asset.size[2], x, y, int(rng.integers(0, 3)))
+                    on_top(asset, x, y, yaw, int(rng.integers(0, 3)))
                 break
     # A tv on a low stand (or on the wall) facing into the room.
     width = rng.uniform(1.0, 1.6)
@@ -187,7 +190,7 @@ def build_room_scene(cfg: RoomConfig, index: int) -> RoomScene:
             x, y = rng.uniform(lo[0] + 0.9, hi[0] - 0.9), rng.uniform(lo[1] + 0.9, hi[1] - 0.9)
             yaw = np.pi / 2 * rng.integers(2)
             if put(tbl, x, y, yaw):
-                on_top(tbl.size[0], tbl.size[1], tbl.size[2], x, y, int(rng.integers(1, 4)))
+                on_top(tbl, x, y, yaw, int(rng.integers(1, 4)))
                 c, s = np.cos(yaw), np.sin(yaw)
                 for side in (-1, 1):
                     ch = A.chair(rng)

@@ -1,0 +1,630 @@
+"""Latency, memory and FLOPs of the dense student, with the per-stage (Amdahl) profile.
+
+Seed 000 found that shrinking voxelisation alone was bounded by Amdahl's law: the backbone and the
+data pipeline were fixed costs. This module measures where the time goes:
+
+- **engine-only**: model forward + argmax on a batch already on the device (what FlashOcc's
+  ``benchmark_trt.py`` reports as FPS, plus the argmax);
+- **end-to-end** (with a dataset): read + decode + resize/crop of every sample, collate,
+  ``to(device)``, forward, argmax, one after the other in this process (no loader workers);
+- **stages** of the engine-only forward, timed by :func:`profiled_forward`, which calls the
+  model's sub-modules one by one and reproduces ``DenseStudent.forward`` exactly (tested):
+  backbone (with input normalisation), neck, depth_net (camera parameters, depth/context convs,
+  softmax), pooling (``LSSViewTransformer.splat``: the depth x context outer product, on the
+  training path also the ego geometry of the frustum, and the BEV pooling), bev_encoder, head
+  (C2H), argmax (to uint8 class ids);
+- **both pooling paths** in one run, round-robin so that they share the background load of a
+  shared machine: the training path (``bev_pool_scatter`` on the batch's geometry) and the
+  exportable path (plan precomputed for the fixed rig of the batch's first sample);
+- **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: formula counts of matmul/conv-type
+  ops only (conv, mm, addmm, bmm, einsum through bmm), 2 FLOPs per multiply-add; elementwise ops,
+  softmax, index_add, cumsum, gathers and the argmax count zero. ``gmacs`` = FLOPs / 2 is the unit
+  of mmcv's ``get_flops``, which FlashOcc's published "GFLOPs" come from;
+- **peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` during one forward minus what was
+  allocated before it (the resident weights and inputs); on CPU the increase of the process's peak
+  resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim``)
+  over the resident set before the forward. ``tracemalloc`` does not see torch's allocations, and
+  ``ru_maxrss`` cannot be reset: it is only the fallback (an upper bound), named in the result.
+
+Medians and p90 (numpy ``percentile``, linear) over ``repeats`` after ``warmup`` rounds. On CUDA
+every stage boundary synchronises, so the engine latency is taken from separate unsynchronised
+forwards; on CPU synchronisation is a no-op and the profiled forward is the latency sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from occdistill.deploy.rig import Rig, nuscenes_rig
+from occdistill.errors import OccDistillError
+from occdistill.models.dense import DenseOutput, DenseStudent
+from occdistill.nn.view_transform import camera_parameters
+
+STAGES = ("backbone", "neck", "depth_net", "pooling", "bev_encoder", "head", "argmax")
+PATHS = ("train", "export")  # pooling on the batch geometry (scatter) / precomputed fixed-rig plan
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOP_COUNT_NOTE = (
+    "FlopCounterMode counts matmul/conv-type ops only (2 FLOPs per multiply-add); gmacs = flops / 2 "
+    "is mmcv get_flops' unit (FlashOcc's published GFLOPs)"
+)
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """One stage of the forward: medians/p90 in ms, ``share`` = median / sum of the stage medians."""
+
+    name: str
+    median_ms: float
+    p90_ms: float
+    share: float
+    gflops: float | None = None
+
+
+@dataclass(frozen=True)
+class PathProfile:
+    """Engine-only timing of one pooling path (``train`` or ``export``)."""
+
+    path: str
+    pooling: str
+    latency_median_ms: float
+    latency_p90_ms: float
+    fps: float
+    stages: tuple[StageTiming, ...]
+
+    def stage(self, name: str) -> StageTiming:
+        return next(s for s in self.stages if s.name == name)
+
+    @property
+    def pooling_share(self) -> float:
+        return self.stage("pooling").share
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Everything ``occdistill bench`` reports; :meth:`to_dict` is the JSON.
+
+    The headline latency/FPS/stages are the training (scatter) path, the one ``forward`` takes
+    without a fixed rig; ``paths`` has both pooling paths. FPS = samples per second.
+    """
+
+    model: str
+    device: str
+    dtype: str
+    batch: int
+    cameras: int
+    image_size: tuple[int, int]
+    input_source: str
+    rig: str
+    repeats: int
+    warmup: int
+    latency_median_ms: float
+    latency_p90_ms: float
+    fps: float
+    stages: tuple[StageTiming, ...]
+    paths: tuple[PathProfile, ...]
+    export_plan_ms: float | None
+    export_over_train_latency: float | None
+    export_over_train_pooling: float | None
+    params: int
+    flops: int | None
+    gflops: float | None
+    gmacs: float | None
+    peak_memory_mb: float | None
+    peak_memory_kind: str
+    model_memory_mb: float
+    end_to_end_median_ms: float | None
+    end_to_end_p90_ms: float | None
+    end_to_end_fps: float | None
+    data_pipeline_ms_per_sample: float | None
+    data_share_of_end_to_end: float | None
+    machine: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+    def path(self, name: str) -> PathProfile:
+        return next(p for p in self.paths if p.path == name)
+
+    @property
+    def pooling_share(self) -> float:
+        return next(s.share for s in self.stages if s.name == "pooling")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["pooling_share"] = self.pooling_share
+        for p, d in zip(self.paths, out["paths"]):
+            d["pooling_share"] = p.pooling_share
+        return out
+
+
+@dataclass
+class EngineInputs:
+    """A batch on the device: images (B, N, 3, H, W) in [0, 1]; intrinsics, img_from_raw
+    (B, N, 3, 3); ego_from_cam (B, N, 4, 4) (``Batch.ego_from_cam``, BEV augmentation included)."""
+
+    images: torch.Tensor
+    intrinsics: torch.Tensor
+    img_from_raw: torch.Tensor
+    ego_from_cam: torch.Tensor
+    source: str
+    rig: str
+
+    def args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images, self.intrinsics, self.img_from_raw, self.ego_from_cam
+
+
+@dataclass
+class StagedOutput:
+    """:func:`profiled_forward`'s result: the model output and the argmax labels (B, X, Y, Z) uint8."""
+
+    output: DenseOutput
+    labels: torch.Tensor
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageClock:
+    """Records the seconds (and, under a FlopCounterMode, the FLOPs) of consecutive stages.
+
+    ``start()`` then ``lap(name)`` at the end of every stage; synchronises CUDA at each boundary.
+    """
+
+    def __init__(self, device: torch.device, flop_counter: Any = None):
+        self.device = device
+        self.flop_counter = flop_counter
+        self.seconds: dict[str, float] = {}
+        self.flops: dict[str, int] = {}
+
+    def _flops(self) -> int:
+        return int(self.flop_counter.get_total_flops()) if self.flop_counter is not None else 0
+
+    def start(self) -> None:
+        sync(self.device)
+        self._f = self._flops()
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        sync(self.device)
+        t = time.perf_counter()
+        self.seconds[name] = t - self._t
+        f = self._flops()
+        self.flops[name] = f - self._f
+        self._t, self._f = t, f
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def predict_labels(voxel_logits: torch.Tensor) -> torch.Tensor:
+    """(B, X, Y, Z, K) logits -> (B, X, Y, Z) uint8 class ids (softmax is monotonic: not needed)."""
+    return voxel_logits.argmax(dim=-1).to(torch.uint8)
+
+
+def profiled_forward(
+    model: DenseStudent,
+    images: torch.Tensor,
+    intrinsics: torch.Tensor,
+    img_from_raw: torch.Tensor,
+    ego_from_cam: torch.Tensor,
+    clock: StageClock | None = None,
+) -> StagedOutput:
+    """``DenseStudent.forward`` + argmax, sub-module by sub-module, with a lap of ``clock`` after
+    every stage of :data:`STAGES`. Must stay numerically identical to ``forward`` (tested)."""
+    lap = clock.lap if clock is not None else (lambda name: None)
+    if clock is not None:
+        clock.start()
+    batch, cams = images.shape[:2]
+    if tuple(images.shape[-2:]) != model.cfg.image_size:
+        raise OccDistillError(f"images are {tuple(images.shape[-2:])}, the model expects {model.cfg.image_size}")
+    # image_features(): (B, N, 3, H, W) -> (B*N, 3, H, W), normalise, ResNet, FPN -> (B, N, C, h, w)
+    x = (images.flatten(0, 1) - model.pixel_mean) / model.pixel_std
+    pyramid = model.backbone(x)  # per-stage feature maps of the out_indices
+    lap("backbone")
+    feats = model.neck(pyramid)
+    feats = feats.view(batch, cams, *feats.shape[1:])
+    lap("neck")
+    # LSSViewTransformer.forward(), lift then splat
+    vt = model.view_transform
+    _, _, channels, h, w = feats.shape
+    params = None
+    if vt.depth_net.camera_aware:
+        params = camera_parameters(intrinsics, img_from_raw, ego_from_cam, vt.image_size)
+        params = params.to(feats.dtype).reshape(batch * cams, -1)  # (B*N, P)
+    depth_logits, context = vt.depth_net(feats.reshape(batch * cams, channels, h, w), params)
+    depth = depth_logits.softmax(dim=1).view(batch, cams, -1, h, w)  # (B, N, D, h, w)
+    context = context.view(batch, cams, vt.context_channels, h, w)  # (B, N, C, h, w)
+    lap("depth_net")
+    bev = vt.splat(depth, context, intrinsics, img_from_raw, ego_from_cam)  # (B, C, X, Y)
+    lap("pooling")
+    bev = model.bev_encoder(bev)
+    lap("bev_encoder")
+    logits = model.head(bev)  # (B, X, Y, Z, K)
+    lap("head")
+    labels = predict_labels(logits)
+    lap("argmax")
+    out = DenseOutput(voxel_logits=logits, bev_feature=bev, depth=depth, image_features=feats)
+    return StagedOutput(output=out, labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def synthetic_inputs(
+    model: DenseStudent, batch: int = 1, rig: Rig | None = None, device: str | torch.device = "cpu", seed: int = 0
+) -> EngineInputs:
+    """Random images at the model's input size on a camera rig (default: the nuScenes rig of
+    :func:`nuscenes_rig`, real calibration when available)."""
+    rig = rig if rig is not None else nuscenes_rig(model.cfg.image_size)
+    gen = torch.Generator().manual_seed(seed)
+    cams = rig.intrinsics.shape[0]
+    images = torch.rand(batch, cams, 3, *model.cfg.image_size, generator=gen)
+    k, aug, pose = rig.batched(batch, device)
+    return EngineInputs(images.to(device), k, aug, pose, source="synthetic random images", rig=rig.source)
+
+
+def open_bench_dataset(fmt: str, data_root: str | Path, infos: str | Path | None, image_size: tuple[int, int]):
+    """An evaluation-mode dataset (no labels: deployment does not read them) whose images are
+    resized/cropped to the network input ``image_size``."""
+    from occdistill.data.augment import ImageAugConfig
+    from occdistill.errors import DataError
+
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found")
+    aug = ImageAugConfig(final_size=tuple(image_size))
+    if fmt == "occ3d":
+        from occdistill.data.occ3d import Occ3DDataset
+
+        if infos is None:
+            raise DataError("format occ3d needs an info pickle (--infos)")
+        p = Path(infos)
+        if not (p.is_file() or (not p.is_absolute() and (root / p).is_file())):
+            raise DataError(f"{infos}: info file not found")
+        ds = Occ3DDataset(root, infos, image_aug=aug, with_labels=False)
+    elif fmt == "occscannet":
+        from occdistill.data.occscannet import OccScanNetDataset
+
+        ds = OccScanNetDataset(root, image_aug=aug, with_labels=False)
+    else:
+        raise DataError(f"unknown dataset format {fmt!r} (occ3d or occscannet)")
+    if len(ds) == 0:
+        raise DataError(f"{root}: the dataset has no samples")
+    return ds
+
+
+def _indices(start: int, batch: int, length: int) -> list[int]:
+    return [(start + i) % length for i in range(batch)]
+
+
+def dataset_inputs(dataset: Any, batch: int = 1, device: str | torch.device = "cpu") -> EngineInputs:
+    """The first ``batch`` samples (cycling if the dataset is shorter), collated and on the device."""
+    from occdistill.data.sample import collate
+
+    b = collate([dataset[i] for i in _indices(0, batch, len(dataset))]).to(device)
+    root = getattr(dataset, "data_root", "dataset")
+    return EngineInputs(b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam, source=f"dataset {root}",
+                        rig="calibration of the dataset samples")
+
+
+# ---------------------------------------------------------------------------------------------
+# memory and machine
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Return freed heap to the OS (glibc) and reset VmHWM to the current RSS (Linux >= 4.0)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+def measure_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float, str]:
+    """MB of extra memory at the peak of ``fn()`` over what was allocated before it, and what was measured."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak / 2**20, "cuda max_memory_allocated during one forward minus the allocation before it"
+    if _reset_peak_rss():
+        base = _status_kb("VmRSS")
+        out = fn()
+        peak = _status_kb("VmHWM") - base
+        del out
+        return peak / 1024, "CPU process peak RSS (VmHWM, reset via clear_refs) during one forward minus RSS before it"
+    base = _status_kb("VmRSS") or 0
+    out = fn()
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024 - base
+    del out
+    return max(peak, 0.0) / 1024, "CPU ru_maxrss minus RSS before the forward (upper bound: the lifetime peak)"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """CPU/GPU, load, library versions: timings are only comparable on the same machine."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _ms(samples: Sequence[float]) -> tuple[float, float]:
+    arr = 1e3 * np.asarray(samples, dtype=np.float64)
+    return float(np.median(arr)), float(np.percentile(arr, 90))
+
+
+def _r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def _path_profile(path: str, stage_samples: list[dict[str, float]], latency: list[float], batch: int,
+                  flops: dict[str, int] | None) -> PathProfile:
+    medians = {s: _ms([r[s] for r in stage_samples]) for s in STAGES}
+    total = sum(m for m, _ in medians.values())
+    stages = tuple(
+        StageTiming(s, _r(m), _r(p), _r(m / total, 4), None if flops is None else _r(flops[s] / 1e9))
+        for s, (m, p) in medians.items()
+    )
+    lat_med, lat_p90 = _ms(latency)
+    pooling = "bev_pool_scatter (per-batch geometry)" if path == "train" else "bev_pool_precomputed (fixed rig)"
+    return PathProfile(path, pooling, _r(lat_med), _r(lat_p90), _r(1e3 * batch / lat_med, 2), stages)
+
+
+def benchmark(
+    model: DenseStudent,
+    inputs: EngineInputs,
+    *,
+    dataset: Any = None,
+    model_name: str = "dense",
+    dtype: str = "float32",
+    repeats: int = 10,
+    warmup: int = 2,
+    count_flops: bool = True,
+    measure_memory: bool = True,
+    export_path: bool = True,
+    progress: bool = False,
+) -> BenchResult:
+    """Benchmark ``model`` (eval mode, inference mode) on ``inputs`` (already on the model's device).
+
+    With ``dataset`` (samples at the model's input size, see :func:`open_bench_dataset`), also the
+    end-to-end latency and the data pipeline per sample. The model's fixed-rig state is restored.
+    """
+    if not isinstance(model, DenseStudent):
+        raise OccDistillError(f"bench profiles dense students; got a {type(model).__name__}")
+    if dtype not in DTYPES:
+        raise OccDistillError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if repeats < 1 or warmup < 0:
+        raise OccDistillError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = inputs.images.device
+    batch, cams = inputs.images.shape[:2]
+    vt = model.view_transform
+    was_training, original_plan = model.training, vt.fixed_pool
+    model.eval()
+    notes = [FLOP_COUNT_NOTE]
+    try:
+        plans: dict[str, Any] = {"train": None}
+        plan_ms = None
+        if export_path:
+            sync(device)
+            t = time.perf_counter()
+            model.set_fixed_rig(inputs.intrinsics[0], inputs.img_from_raw[0], inputs.ego_from_cam[0])
+            sync(device)
+            plan_ms = 1e3 * (time.perf_counter() - t)
+            plans["export"] = vt.fixed_pool
+            if batch > 1 or dataset is not None:
+                notes.append("export path: pooling plan of the first sample's rig, used for every sample")
+
+        stage_samples: dict[str, list[dict[str, float]]] = {p: [] for p in plans}
+        latency: dict[str, list[float]] = {p: [] for p in plans}
+        rounds = range(warmup + repeats)
+        if progress:
+            from tqdm import tqdm
+
+            rounds = tqdm(rounds, desc="bench engine", unit="round", file=sys.stderr, dynamic_ncols=True)
+        with torch.inference_mode(), _autocast(device, dtype):
+            for rep in rounds:
+                for path, plan in plans.items():  # round-robin: both paths see the same load
+                    vt.fixed_pool = plan
+                    clock = StageClock(device)
+                    profiled_forward(model, *inputs.args(), clock=clock)
+                    if device.type == "cuda":
+                        sync(device)
+                        t = time.perf_counter()
+                        predict_labels(model(*inputs.args()).voxel_logits)
+                        sync(device)
+                        lat = time.perf_counter() - t
+                    else:
+                        lat = clock.total
+                    if rep >= warmup:
+                        stage_samples[path].append(dict(clock.seconds))
+                        latency[path].append(lat)
+
+            vt.fixed_pool = None
+            flops_by_stage = None
+            if count_flops:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    clock = StageClock(device, counter)
+                    profiled_forward(model, *inputs.args(), clock=clock)
+                flops_by_stage = clock.flops
+
+            peak_mb, peak_kind = None, "not measured"
+            if measure_memory:
+                peak_mb, peak_kind = measure_peak_memory(
+                    lambda: predict_labels(model(*inputs.args()).voxel_logits), device
+                )
+
+            e2e, data_times = [], []
+            if dataset is not None:
+                from occdistill.data.sample import collate
+
+                e2e_rounds = range(warmup + repeats)
+                if progress:
+                    from tqdm import tqdm
+
+                    e2e_rounds = tqdm(e2e_rounds, desc="bench end-to-end", unit="batch", file=sys.stderr,
+                                      dynamic_ncols=True)
+                for rep in e2e_rounds:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    b = collate([dataset[i] for i in _indices(rep * batch, batch, len(dataset))]).to(device)
+                    sync(device)
+                    t1 = time.perf_counter()
+                    predict_labels(model(b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam).voxel_logits)
+                    sync(device)
+                    t2 = time.perf_counter()
+                    if rep >= warmup:
+                        e2e.append(t2 - t0)
+                        data_times.append(t1 - t0)
+    finally:
+        vt.fixed_pool = original_plan
+        model.train(was_training)
+
+    profiles = tuple(
+        _path_profile(p, stage_samples[p], latency[p], batch, flops_by_stage if p == "train" else None)
+        for p in plans
+    )
+    train = profiles[0]
+    export = profiles[1] if len(profiles) > 1 else None
+    total_flops = sum(flops_by_stage.values()) if flops_by_stage is not None else None
+    e2e_med, e2e_p90 = _ms(e2e) if e2e else (None, None)
+    data_med = _ms(data_times)[0] if data_times else None
+    if dataset is None:
+        notes.append("no dataset: end-to-end and data pipeline not measured (pass --data)")
+    else:
+        notes.append("end-to-end: dataset read + collate + to(device) + forward + argmax, sequential, no loader workers")
+    if dtype != "float32":
+        notes.append(f"{dtype}: torch.autocast; the BEV pooling runs in float32 by design")
+    params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return BenchResult(
+        model=model_name,
+        device=str(device),
+        dtype=dtype,
+        batch=int(batch),
+        cameras=int(cams),
+        image_size=tuple(model.cfg.image_size),
+        input_source=inputs.source,
+        rig=inputs.rig,
+        repeats=repeats,
+        warmup=warmup,
+        latency_median_ms=train.latency_median_ms,
+        latency_p90_ms=train.latency_p90_ms,
+        fps=train.fps,
+        stages=train.stages,
+        paths=profiles,
+        export_plan_ms=_r(plan_ms),
+        export_over_train_latency=None if export is None else _r(export.latency_median_ms / train.latency_median_ms),
+        export_over_train_pooling=None if export is None else _r(
+            export.stage("pooling").median_ms / train.stage("pooling").median_ms),
+        params=int(params),
+        flops=None if total_flops is None else int(total_flops),
+        gflops=None if total_flops is None else _r(total_flops / 1e9),
+        gmacs=None if total_flops is None else _r(total_flops / 2e9),
+        peak_memory_mb=_r(peak_mb, 1),
+        peak_memory_kind=peak_kind,
+        model_memory_mb=_r(model_bytes / 2**20, 1),
+        end_to_end_median_ms=_r(e2e_med),
+        end_to_end_p90_ms=_r(e2e_p90),
+        end_to_end_fps=None if e2e_med is None else _r(1e3 * batch / e2e_med, 2),
+        data_pipeline_ms_per_sample=None if data_med is None else _r(data_med / batch),
+        data_share_of_end_to_end=None if data_med is None else _r(data_med / e2e_med, 4),
+        machine=machine_info(device),
+        notes=tuple(notes),
+    )
+
+
+def format_table(result: BenchResult) -> str:
+    """A short human-readable table: stage medians (ms) and shares for both pooling paths."""
+    names = [p.path for p in result.paths]
+    head = f"{'stage':14s}" + "".join(f"{n + ' ms':>12s}{'share':>8s}" for n in names)
+    if result.paths[0].stages[0].gflops is not None:
+        head += f"{'GFLOPs':>9s}"
+    lines = [f"{result.model} on {result.device} ({result.dtype}, batch {result.batch}, {result.cameras} cams "
+             f"{result.image_size[0]}x{result.image_size[1]}), median of {result.repeats}", head]
+    for i, stage in enumerate(STAGES):
+        row = f"{stage:14s}"
+        for p in result.paths:
+            s = p.stages[i]
+            row += f"{s.median_ms:12.1f}{100 * s.share:7.1f}%"
+        g = result.paths[0].stages[i].gflops
+        if g is not None:
+            row += f"{g:9.2f}"
+        lines.append(row)
+    lines.append(f"{'latency':14s}" + "".join(f"{p.latency_median_ms:12.1f}{'':8s}" for p in result.paths)
+                 + (f"{result.gflops:9.2f}" if result.gflops is not None else ""))
+    lines.append(f"{'p90':14s}" + "".join(f"{p.latency_p90_ms:12.1f}{'':8s}" for p in result.paths))
+    lines.append(f"{'FPS':14s}" + "".join(f"{p.fps:12.2f}{'':8s}" for p in result.paths))
+    if result.end_to_end_median_ms is not None:
+        lines.append(f"end-to-end {result.end_to_end_median_ms:.1f} ms (p90 {result.end_to_end_p90_ms:.1f}), "
+                     f"data pipeline {result.data_pipeline_ms_per_sample:.1f} ms/sample "
+                     f"({100 * result.data_share_of_end_to_end:.1f}% of end-to-end)")
+    mem = "n/a" if result.peak_memory_mb is None else f"{result.peak_memory_mb:.0f} MB"
+    lines.append(f"params {result.params / 1e6:.2f} M, peak memory {mem}, model {result.model_memory_mb:.0f} MB")
+    if result.export_over_train_latency is not None:
+        lines.append(f"export/train: forward {result.export_over_train_latency:.2f}x, "
+                     f"pooling {result.export_over_train_pooling:.2f}x (plan built once in {result.export_plan_ms:.1f} ms)")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BenchResult", "EngineInputs", "PATHS", "PathProfile", "STAGES", "StageClock", "StageTiming", "StagedOutput",
+    "benchmark", "dataset_inputs", "format_table", "machine_info", "measure_peak_memory", "open_bench_dataset",
+    "predict_labels", "profiled_forward", "synthetic_inputs",
+]

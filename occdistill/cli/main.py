@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("occdistill.cli.synth", "generate a synthetic dataset in the real on-disk formats"),
     "viz": ("occdistill.cli.viz", "draw GT voxels over camera images and a BEV label map, per sample"),
     "score": ("occdistill.cli.score", "evaluate saved prediction files against GT files"),
+    "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile"),
 }
 
 

@@ -263,6 +263,58 @@ def profiled_forward(
 
 
 # ---------------------------------------------------------------------------------------------
+# model and inputs
+
+_TRAIN_SECTIONS = ("data", "model", "optim", "loss", "runtime")
+
+
+def _yaml_mapping(path: Path) -> dict:
+    import yaml
+
+    from occdistill.errors import ConfigError
+
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
+def load_bench_model(
+    config: str | Path | None = None, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[torch.nn.Module, str]:
+    """(model, description) from a config or a checkpoint.
+
+    ``config``: a training config (YAML with any of the sections data/model/optim/loss/runtime,
+    or a built-in name such as ``flashocc-m0``; the model is built by
+    :func:`occdistill.models.build.build_model` with random weights), or a bare dense-model
+    YAML (the fields of :class:`DenseStudentConfig`). ``overrides`` are ``key=value`` in that file's
+    key space. ``checkpoint``: the model of a training checkpoint, with its weights.
+    """
+    from occdistill.config import load_config
+    from occdistill.engine.config import load_train_config, resolve_config_path
+    from occdistill.models.build import build_model
+    from occdistill.models.dense import DenseStudentConfig
+
+    if (config is None) == (checkpoint is None):
+        raise OccDistillError("give exactly one of a config and a checkpoint")
+    if checkpoint is not None:
+        return _load_checkpoint_model(Path(checkpoint))
+    path = resolve_config_path(config)
+    if set(_yaml_mapping(path)) & set(_TRAIN_SECTIONS):
+        cfg = load_train_config(path, list(overrides))
+        return build_model(cfg.model), f"{cfg.model.kind} ({path.name})"
+    return DenseStudent(load_config(DenseStudentConfig, path, list(overrides))), f"dense ({path.name})"
+
+
+def _load_checkpoint_model(path: Path) -> tuple[torch.nn.Module, str]:
+    raise OccDistillError(f"{path}: --checkpoint needs the training engine's checkpoint reader "
+                          "(occdistill/engine/checkpoint.py), which is not available yet; use --config")
+
+
+# ---------------------------------------------------------------------------------------------
 # inputs
 
 

@@ -1,0 +1,191 @@
+"""``occdistill bench``: the staged forward equals the model's, result sanity, rigs, memory, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from occdistill.cli.main import main
+from occdistill.config import to_dict
+from occdistill.deploy.bench import (
+    STAGES,
+    StageClock,
+    benchmark,
+    dataset_inputs,
+    load_bench_model,
+    measure_peak_memory,
+    open_bench_dataset,
+    profiled_forward,
+    synthetic_inputs,
+)
+from occdistill.deploy.rig import nuscenes_rig
+from occdistill.models.dense import BackboneConfig, DenseStudent, DenseStudentConfig, GridConfig
+
+
+def tiny_config() -> DenseStudentConfig:
+    return DenseStudentConfig(
+        image_size=(64, 96),
+        backbone=BackboneConfig(depth=18, base_width=8),
+        neck_channels=16,
+        depth_bins=(1.0, 13.0, 1.0),
+        context_channels=8,
+        depth_net_channels=16,
+        bev_channels=16,
+        num_classes=5,
+        grid=GridConfig(range=(-6.4, -6.4, -1.0, 6.4, 6.4, 2.2), voxel_size=(0.8, 0.8, 0.8)),
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> DenseStudent:
+    torch.manual_seed(0)
+    return DenseStudent(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(tiny_config())))
+    return path
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory):
+    from occdistill.data.synth import generate
+
+    return generate("street", tmp_path_factory.mktemp("street"), scenes=1, frames=2, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("fixed_rig", [False, True])
+def test_profiled_forward_reproduces_forward_exactly(model, fixed_rig):
+    inputs = synthetic_inputs(model, batch=2)
+    if fixed_rig:
+        model.set_fixed_rig(inputs.intrinsics[0], inputs.img_from_raw[0], inputs.ego_from_cam[0])
+    try:
+        with torch.no_grad():
+            ref = model(*inputs.args())
+            clock = StageClock(torch.device("cpu"))
+            staged = profiled_forward(model, *inputs.args(), clock=clock)
+    finally:
+        model.view_transform.clear_fixed_rig()
+    for name in ("voxel_logits", "bev_feature", "depth", "image_features"):
+        assert torch.equal(getattr(staged.output, name), getattr(ref, name)), name
+    assert torch.equal(staged.labels, ref.voxel_logits.argmax(-1).to(torch.uint8))
+    assert staged.labels.dtype == torch.uint8 and staged.labels.shape == ref.voxel_logits.shape[:-1]
+    assert tuple(clock.seconds) == STAGES and all(t >= 0 for t in clock.seconds.values())
+
+
+def test_benchmark_result_is_complete_and_sane(model):
+    model.train()
+    result = benchmark(model, synthetic_inputs(model, batch=1), repeats=3, warmup=1)
+    assert model.training and model.view_transform.fixed_pool is None  # state restored
+    d = json.loads(json.dumps(result.to_dict()))
+    for key in ("device", "dtype", "batch", "latency_median_ms", "latency_p90_ms", "fps", "peak_memory_mb", "flops",
+                "params", "stages", "paths", "end_to_end_median_ms", "data_pipeline_ms_per_sample", "machine",
+                "pooling_share", "export_over_train_latency", "export_over_train_pooling", "gmacs"):
+        assert key in d, key
+    assert [p["path"] for p in d["paths"]] == ["train", "export"]
+    for path in d["paths"]:
+        assert [s["name"] for s in path["stages"]] == list(STAGES)
+        assert sum(s["share"] for s in path["stages"]) == pytest.approx(1.0, abs=2e-3)
+        assert all(s["p90_ms"] >= s["median_ms"] >= 0 for s in path["stages"])
+        assert path["latency_p90_ms"] >= path["latency_median_ms"] > 0
+        assert path["fps"] == pytest.approx(1e3 / path["latency_median_ms"], rel=1e-3)
+    assert d["stages"] == d["paths"][0]["stages"]
+    assert d["params"] == sum(p.numel() for p in model.parameters())
+    assert d["flops"] > 0 and d["gmacs"] == pytest.approx(d["flops"] / 2e9, abs=1e-3)
+    # Every counted FLOP is attributed to a stage; the backbone convolutions count, the argmax does not.
+    by_stage = {s["name"]: s["gflops"] for s in d["stages"]}
+    assert sum(by_stage.values()) == pytest.approx(d["gflops"], abs=5e-3)
+    assert by_stage["backbone"] > 0 and by_stage["argmax"] == 0
+    assert d["peak_memory_mb"] is not None and d["peak_memory_mb"] >= 0
+    assert d["end_to_end_median_ms"] is None and d["rig"].startswith(("real nuScenes", "synthetic"))
+    assert d["machine"]["torch"] == torch.__version__
+
+
+def test_benchmark_end_to_end_on_a_dataset(model, street):
+    ds = open_bench_dataset("occ3d", street.out, street.splits["val"], model.cfg.image_size)
+    inputs = dataset_inputs(ds, batch=1)
+    assert tuple(inputs.images.shape[-2:]) == model.cfg.image_size
+    result = benchmark(model, inputs, dataset=ds, repeats=2, warmup=0, count_flops=False, measure_memory=False)
+    assert result.end_to_end_median_ms > 0 and result.end_to_end_p90_ms >= result.end_to_end_median_ms
+    assert 0 < result.data_pipeline_ms_per_sample < result.end_to_end_median_ms
+    assert 0 < result.data_share_of_end_to_end < 1 and result.flops is None
+
+
+def test_nuscenes_rig_matches_flashocc_test_transform(tmp_path):
+    real = nuscenes_rig((256, 704))
+    # FlashOcc test time: resize 1600x900 by 0.44 to 704x396, keep the bottom 256 rows.
+    expect = torch.tensor([[0.44, 0, 0], [0, 0.44, -140.0], [0, 0, 1]])
+    torch.testing.assert_close(real.img_from_raw, expect.expand(6, 3, 3))
+    synthetic = nuscenes_rig((256, 704), realdata_dir=tmp_path)
+    assert synthetic.source.startswith("synthetic")
+    for rig in (real, synthetic):
+        assert rig.intrinsics.shape == (6, 3, 3) and rig.ego_from_cam.shape == (6, 4, 4)
+        assert rig.intrinsics.dtype == torch.float32
+        k, aug, pose = rig.batched(2)
+        assert k.shape == (2, 6, 3, 3) and torch.equal(pose[1], rig.ego_from_cam)
+        # the optical axes are horizontal-ish: camera z in ego has a small vertical component
+        assert rig.ego_from_cam[:, 2, 2].abs().max() < 0.1
+
+
+def test_peak_memory_sees_a_large_allocation():
+    mb, kind = measure_peak_memory(lambda: torch.ones(64, 2**20), torch.device("cpu"))  # 256 MiB, touched
+    assert kind and 200 < mb < 600
+
+
+def test_load_bench_model_from_dense_yaml_and_training_config(tiny_yaml, tmp_path):
+    model, name = load_bench_model(config=tiny_yaml, overrides=["bev_channels=8"])
+    assert isinstance(model, DenseStudent) and model.cfg.bev_channels == 8 and "tiny.yaml" in name
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(yaml.safe_dump({"model": {"kind": "dense", "dense": to_dict(tiny_config())}}))
+    model, name = load_bench_model(config=train_yaml, overrides=["model.dense.num_classes=7"])
+    assert isinstance(model, DenseStudent) and model.cfg.num_classes == 7 and name.startswith("dense")
+
+
+def test_cli_writes_json(tiny_yaml, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--config", str(tiny_yaml), "--json", str(out), "--repeats", "2", "--warmup", "0",
+               "--quiet", "--no-memory"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["command"] == "bench" and report["model"] == "dense (tiny.yaml)"
+    assert report["latency_median_ms"] > 0 and report["cameras"] == 6
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["params"] == report["params"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "{tmp}/missing.yaml"], "missing.yaml: no such config file"),
+        (["--config", "{cfg}", "--data", "{tmp}/nodata"], "nodata: data root not found"),
+        (["--config", "{cfg}", "--data", "{tmp}", "--infos", "{tmp}/none.pkl"], "none.pkl: info file not found"),
+        (["--config", "{cfg}", "bev_chanels=8"], "unknown config key 'bev_chanels'; did you mean 'bev_channels'?"),
+        (["--config", "{cfg}", "--batch", "0"], "--batch must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_with_status_2(tiny_yaml, tmp_path, capsys, args, message):
+    argv = ["bench", *[a.format(tmp=tmp_path, cfg=tiny_yaml) for a in args]]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_cli_exit_status_in_a_subprocess(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "occdistill", "bench", "--config", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_shares_are_medians_over_repeats(model):
+    result = benchmark(model, synthetic_inputs(model), repeats=4, warmup=0, count_flops=False, measure_memory=False,
+                       export_path=False)
+    assert [p.path for p in result.paths] == ["train"] and result.export_over_train_latency is None
+    medians = np.array([s.median_ms for s in result.stages])
+    np.testing.assert_allclose([s.share for s in result.stages], medians / medians.sum(), atol=1e-3)

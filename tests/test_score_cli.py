@@ -254,3 +254,26 @@ def test_occscannet_missing_prediction(tmp_path, capsys):
                       "--invalid-as-free", "--json", out]) == 0
     report = json.loads(out.read_text())
     assert len(report["invalid_predictions"]) == 4 and report["IoU"] == 0.0 and report["mIoU"] == 0.0
+
+
+def test_occ3d_on_the_synthetic_world_uses_the_grid_its_infos_declare(tmp_path, capsys):
+    # The synthetic street's default grid is 100x100x16; score must read it from the metadata.
+    from occdistill.data.synth import generate
+
+    world = generate("street", tmp_path / "street", scenes=1, frames=2, seed=0, progress=False)
+    infos = load_infos(world.splits["val"])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for frame in infos.frames:
+        sem = np.load(world.out / frame.occ_path / "labels.npz")["semantics"].copy()
+        assert sem.shape == (100, 100, 16)
+        sem[sem == 15] = 16  # every manmade voxel predicted as vegetation
+        np.savez_compressed(pred / f"{frame.token}.npz", semantics=sem)
+    out = tmp_path / "score.json"
+    args = ["score", "--format", "occ3d", "--data-root", str(world.out), "--infos", str(world.splits["val"])]
+    assert main([*args, "--pred", str(pred), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["per_class"]["manmade"] == 0.0
+    assert 0.0 < report["per_class"]["vegetation"] < 100.0
+    assert report["per_class"]["driveable_surface"] == 100.0
+    assert report["IoU"] == 100.0 and report["num_samples"] == 2

@@ -112,7 +112,7 @@ def _score_occ3d(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from occdistill.data.classes import OCC3D_NUSCENES
-    from occdistill.data.infos import load_infos, resolve_data_path
+    from occdistill.data.infos import grid_from_metadata, load_infos, resolve_data_path
     from occdistill.data.labels import load_occ3d_labels
     from occdistill.errors import DataError
     from occdistill.geometry.grid import OCC3D_GRID
@@ -122,15 +122,17 @@ def _score_occ3d(args: argparse.Namespace) -> dict[str, Any]:
 
     classes = OCC3D_NUSCENES
     infos = load_infos(args.infos)
+    # Real infos declare no grid (Occ3D's is implied); the synthetic world's declare theirs.
+    grid = grid_from_metadata(infos.metadata, str(infos.path)) or OCC3D_GRID
     voxel_acc = Occ3DAccumulator(classes=classes, device=args.device)
-    ray_acc = None if args.no_rayiou else RayIoUAccumulator(classes=classes, grid=OCC3D_GRID, device=args.device)
+    ray_acc = None if args.no_rayiou else RayIoUAccumulator(classes=classes, grid=grid, device=args.device)
     scenes: dict[str, list] = {}
     invalid: list[dict[str, str]] = []
     for frame in _progress(list(infos.frames), "score occ3d"):
         if not frame.occ_path:
             raise DataError(f"sample {frame.token}: the info has no occ_path, so its labels cannot be found")
         gt_path = resolve_data_path(args.data_root, frame.occ_path) / "labels.npz"
-        labels = load_occ3d_labels(gt_path, shape=OCC3D_GRID.shape, classes=classes)
+        labels = load_occ3d_labels(gt_path, shape=grid.shape, classes=classes)
         pred, problem = load_prediction(
             args.pred / f"{frame.token}.npz", args.pred_key, labels.semantics.shape, classes.num_classes
         )

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from occdistill.errors import DataError
+from occdistill.geometry.grid import VoxelGrid
 from occdistill.geometry.transforms import check_rigid, invert_rigid, make_transform, transform_from_quat
 
 # Directory names under a dataset root that anchor a stored path's tail (nuScenes-style roots and
@@ -311,3 +312,19 @@ def load_infos(path: str | Path) -> InfoSet:
         dup = next(t for t in tokens if tokens.count(t) > 1)
         raise DataError(f"{path}: sample token {dup} appears more than once")
     return InfoSet(path=path, frames=frames, metadata=metadata)
+
+
+def grid_from_metadata(metadata: dict, where: str) -> VoxelGrid | None:
+    """The grid an info file declares (synthetic infos write ``occ_range``, ``voxel_size``,
+    ``grid_shape``), or None when it declares none (real nuScenes infos)."""
+    if "occ_range" not in metadata:
+        return None
+    size = metadata.get("voxel_size", 0.4)
+    size = (float(size),) * 3 if np.isscalar(size) else tuple(float(s) for s in size)
+    try:
+        grid = VoxelGrid(range=tuple(float(v) for v in metadata["occ_range"]), voxel_size=size)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where}: metadata occ_range/voxel_size do not form a grid ({exc})") from exc
+    if "grid_shape" in metadata and tuple(int(v) for v in metadata["grid_shape"]) != grid.shape:
+        raise DataError(f"{where}: metadata grid_shape {tuple(metadata['grid_shape'])} != {grid.shape} from occ_range/voxel_size")
+    return grid

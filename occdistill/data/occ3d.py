@@ -29,7 +29,7 @@ from occdistill.data.augment import (
 )
 from occdistill.data.classes import OCC3D_NUSCENES, ClassTable
 from occdistill.data.depth import lidar_depth_maps, load_depth_png, load_lidar_points
-from occdistill.data.infos import FrameInfo, InfoSet, load_infos, resolve_data_path
+from occdistill.data.infos import FrameInfo, InfoSet, grid_from_metadata, load_infos, resolve_data_path
 from occdistill.data.labels import load_occ3d_labels
 from occdistill.data.sample import Sample
 from occdistill.errors import DataError
@@ -153,22 +153,6 @@ def load_views(
 
 def _f32(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def grid_from_metadata(metadata: dict, where: str) -> VoxelGrid | None:
-    """The grid an info file declares (synthetic infos write ``occ_range``, ``voxel_size``,
-    ``grid_shape``), or None when it declares none (real nuScenes infos)."""
-    if "occ_range" not in metadata:
-        return None
-    size = metadata.get("voxel_size", 0.4)
-    size = (float(size),) * 3 if np.isscalar(size) else tuple(float(s) for s in size)
-    try:
-        grid = VoxelGrid(range=tuple(float(v) for v in metadata["occ_range"]), voxel_size=size)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"{where}: metadata occ_range/voxel_size do not form a grid ({exc})") from exc
-    if "grid_shape" in metadata and tuple(int(v) for v in metadata["grid_shape"]) != grid.shape:
-        raise DataError(f"{where}: metadata grid_shape {tuple(metadata['grid_shape'])} != {grid.shape} from occ_range/voxel_size")
-    return grid
 
 
 class Occ3DDataset(Dataset):

@@ -1,0 +1,140 @@
+"""The training config: one typed tree, filled from a YAML file plus ``a.b=value`` overrides.
+
+Sections: ``data`` (what to read and how to augment it), ``model`` (``kind`` + that kind's
+config), ``optim`` (AdamW, schedule, clipping, accumulation), ``loss`` (which voxels count, class
+weights, depth supervision) and ``runtime`` (seed, device, precision, EMA, evaluation, checkpoints).
+Built-in configs live in ``occdistill/configs/<name>.yaml``; :func:`resolve_config_path` accepts a
+bare name (``street-tiny``) or a path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from occdistill.config import load_config
+from occdistill.data.augment import BevAugConfig, ImageAugConfig
+from occdistill.errors import ConfigError
+from occdistill.models.build import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``root`` and relative split paths are resolved from the working directory, then under ``root``."""
+
+    format: Literal["occ3d", "occscannet"] = "occ3d"
+    root: str = "data/street"
+    # occ3d: info pickle; occscannet: split list of frame pickles. train_split "" (occscannet) =
+    # every frame under root; val_split "" = no validation.
+    train_split: str = "occdistill_infos_train.pkl"
+    val_split: str = "occdistill_infos_val.pkl"
+    cameras: tuple[str, ...] = ()  # camera order fed to the model; empty = the order of the infos
+    image_aug: ImageAugConfig = field(default_factory=ImageAugConfig)
+    bev_aug: BevAugConfig = field(default_factory=BevAugConfig)
+    depth: Literal["none", "auto", "lidar", "rendered"] = "none"  # depth targets (loss.depth_weight > 0)
+    batch_size: int = 4  # per process
+    val_batch_size: int = 1
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.val_batch_size < 1:
+            raise ValueError("data.batch_size and data.val_batch_size must be >= 1")
+        if self.workers < 0:
+            raise ValueError("data.workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 24
+    max_steps: int = 0  # > 0: train this many optimiser steps instead of ``epochs`` epochs
+    warmup_steps: int = 200  # linear from lr * warmup_ratio to lr
+    warmup_ratio: float = 1e-3
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 5.0  # max global L2 norm of the gradients; 0 = off
+    accum_steps: int = 1  # micro-batches per optimiser step
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("optim.lr must be > 0 and optim.weight_decay >= 0")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ValueError("set optim.epochs >= 1 or optim.max_steps >= 1")
+        if self.warmup_steps < 0 or not 0 < self.warmup_ratio <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.warmup_steps must be >= 0, warmup_ratio in (0, 1], min_lr_ratio in [0, 1]")
+        if self.grad_clip < 0 or self.accum_steps < 1:
+            raise ValueError("optim.grad_clip must be >= 0 and optim.accum_steps >= 1")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    camera_mask: bool = True  # CE over camera-visible voxels only (FlashOcc); False: every voxel
+    # Per-class CE weights: "none"; "inverse_log" = FlashOcc's class_balance, 1 / log(count + 0.001);
+    # "inverse_sqrt" = 1 / sqrt(frequency), normalised to mean 1 over the classes present. Counts
+    # are taken over the training labels (inside the camera mask when it is on).
+    class_weights: Literal["none", "inverse_log", "inverse_sqrt"] = "none"
+    depth_weight: float = 0.0  # BEVDepth BCE on the depth bins; needs data.depth != none
+
+    def __post_init__(self) -> None:
+        if self.depth_weight < 0:
+            raise ValueError("loss.depth_weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda; under torchrun each rank takes its local GPU
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs and resumes
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision (losses stay float32)
+    ema_decay: float = 0.0  # 0 = no EMA; FlashOcc 0.999 with a ramp d * (1 - exp(-n / ramp))
+    ema_ramp_steps: int = 2000
+    eval_every: int = 0  # optimiser steps between evaluations; 0 = only at the end
+    eval_rayiou: bool = True
+    ckpt_every: int = 0  # optimiser steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    max_bad_steps: int = 20  # non-finite steps skipped before training stops
+    log_every: int = 10  # optimiser steps between JSONL records (and plot refreshes)
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("runtime.ema_decay must be in [0, 1)")
+        for name in ("eval_every", "ckpt_every", "max_bad_steps", "ema_ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"runtime.{name} must be >= 0")
+        if self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError("runtime.keep_checkpoints and runtime.log_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or the built-in config of that name (``street-tiny``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if path.suffix == "" and builtin.is_file():
+        return builtin
+    raise ConfigError(f"{name_or_path}: no such config file or built-in config (built-in: {', '.join(builtin_configs())})")
+
+
+def load_train_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    return load_config(TrainConfig, resolve_config_path(name_or_path), overrides)

@@ -1,0 +1,100 @@
+"""Datasets and loaders of a training config (the data section is read here and nowhere else).
+
+Training order comes from :class:`ResumableSampler` and augmentation draws from
+(seed, epoch, index) inside the datasets, so the sample stream is the same whatever the number of
+loader workers and whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from occdistill.data.build import Dataset, classes_for
+from occdistill.data.labels import load_occ3d_labels
+from occdistill.data.occ3d import Occ3DDataset
+from occdistill.data.occscannet import OccScanNetDataset
+from occdistill.data.sample import collate
+from occdistill.engine.config import DataConfig
+from occdistill.engine.distributed import DistContext, ResumableSampler, shard_indices
+from occdistill.errors import DataError
+
+Split = Literal["train", "val"]
+
+
+def _split_path(root: Path, stored: str) -> Path:
+    path = Path(stored)
+    return path if path.is_absolute() or path.exists() else root / path
+
+
+def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, root: str | Path | None = None,
+               split_path: str | Path | None = None) -> Dataset:
+    """The ``split`` dataset of ``cfg``; ``root``/``split_path`` replace the configured ones (eval CLI)."""
+    data_root = Path(root if root is not None else cfg.root)
+    if not data_root.is_dir():
+        raise DataError(f"{data_root}: data root not found (data.root)")
+    stored = str(split_path) if split_path is not None else (cfg.train_split if split == "train" else cfg.val_split)
+    common = dict(image_aug=cfg.image_aug, bev_aug=cfg.bev_aug, augment=augment, seed=seed)
+    if cfg.format == "occ3d":
+        if not stored:
+            raise DataError(f"data.{split}_split: occ3d needs an info pickle")
+        return Occ3DDataset(
+            data_root, _split_path(data_root, stored), depth=cfg.depth, cameras=cfg.cameras or None,
+            classes=classes_for("occ3d"), **common,
+        )
+    return OccScanNetDataset(
+        data_root, split_file=_split_path(data_root, stored) if stored else None, load_depth=cfg.depth != "none",
+        classes=classes_for("occscannet"), **common,
+    )
+
+
+def train_loader(dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, seed: int, epoch: int) -> DataLoader:
+    """A loader for one epoch (workers copy the dataset at start, so one loader per epoch after
+    ``set_epoch``). Its own generator keeps the global torch RNG untouched by loader start-up."""
+    dataset.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        persistent_workers=False,
+    )
+
+
+def eval_loader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: int) -> DataLoader:
+    """This rank's shard of ``dataset`` in order, nothing repeated."""
+    return DataLoader(
+        Subset(dataset, shard_indices(len(dataset), ctx)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def label_counts(dataset: Dataset, camera_mask: bool) -> np.ndarray:
+    """(K,) int64 voxel count per class over a split's labels, inside ``mask_camera`` when
+    ``camera_mask`` (labels only: no images are read). Unknown (255) voxels are not counted."""
+    classes = dataset.classes
+    counts = np.zeros(classes.num_classes, dtype=np.int64)
+    for i in range(len(dataset)):
+        if isinstance(dataset, Occ3DDataset):
+            occ = load_occ3d_labels(dataset.label_path(dataset.frame(i)), dataset.grid.shape, classes)
+            sem, mask = occ.semantics, occ.mask_camera if camera_mask else None
+        else:
+            rec = dataset.read_record(i)
+            sem = np.asarray(rec["target_1_4"])
+            mask = np.asarray(rec["mask_camera"]).astype(bool) if camera_mask and "mask_camera" in rec else None
+        values = sem[mask] if mask is not None else sem.reshape(-1)
+        values = values[values < classes.num_classes]
+        counts += np.bincount(values.astype(np.int64), minlength=classes.num_classes)
+    return counts

@@ -1,0 +1,88 @@
+"""Evaluate a model on a dataset with the metrics module: Occ3D voxel mIoU / IoU with
+``mask_camera`` + RayIoU, or the Occ-ScanNet ISO metrics. Used by training's periodic evaluation,
+``occdistill eval`` and the demo.
+
+Each process evaluates its shard (:func:`shard_indices`); the metric counts are summed over
+processes before the report is computed, so every rank returns the same report.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from occdistill.data.build import Dataset
+from occdistill.data.occ3d import Occ3DDataset
+from occdistill.engine.data import eval_loader
+from occdistill.engine.distributed import DistContext
+from occdistill.engine.objective import forward_batch, predict_labels
+from occdistill.engine.precision import autocast
+from occdistill.io import atomic_save_npz
+from occdistill.metrics import (
+    Occ3DAccumulator,
+    OccScanNetAccumulator,
+    RayIoUAccumulator,
+    lidar_origins,
+    occ3d_report,
+    occscannet_report,
+)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    ctx: DistContext = DistContext(),
+    batch_size: int = 1,
+    workers: int = 0,
+    rayiou: bool = True,
+    amp: str = "off",
+    save_pred: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The metrics report (``occ3d_report`` / ``occscannet_report`` layout, values in percent).
+
+    ``save_pred``: also write ``<save_pred>/<token>.npz`` with ``semantics`` (uint8, X, Y, Z), the
+    layout ``occdistill score`` reads (Occ-ScanNet tokens are ``<scene>/<frame>``).
+    """
+    occ3d = isinstance(dataset, Occ3DDataset)
+    classes = dataset.classes
+    if occ3d:
+        voxel_acc = Occ3DAccumulator(classes=classes)
+        ray_acc = RayIoUAccumulator(classes=classes, grid=dataset.grid) if rayiou else None
+    else:
+        scannet_acc = OccScanNetAccumulator(classes=classes)
+    was_training = model.training
+    model.eval()
+    loader = eval_loader(dataset, ctx, batch_size, workers)
+    for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not (progress and ctx.is_main),
+                      dynamic_ncols=True, leave=False):
+        with autocast(device, amp):
+            logits = forward_batch(model, batch.to(device)).voxel_logits
+        pred = predict_labels(logits).cpu()  # (B, X, Y, Z) uint8
+        if occ3d:
+            voxel_acc.update(pred, batch.semantics, batch.mask_camera)
+            if ray_acc is not None:
+                frames = [dataset.frame(int(i)) for i in batch.frame_indices]
+                origins = [lidar_origins(dataset.infos.scene_frames(f.scene_name), f) for f in frames]
+                ray_acc.update(pred, batch.semantics, origins)
+        else:
+            scannet_acc.update(pred, batch.semantics)
+        if save_pred is not None:
+            for token, labels in zip(batch.tokens, pred.numpy()):
+                atomic_save_npz(save_pred / f"{token}.npz", semantics=labels)
+    model.train(was_training)
+    if not occ3d:
+        scannet_acc.all_reduce()
+        return occscannet_report(scannet_acc.compute())
+    voxel_acc.all_reduce()
+    if ray_acc is not None:
+        ray_acc.all_reduce()
+    return occ3d_report(voxel_acc.compute(), ray_acc.compute() if ray_acc is not None else None)

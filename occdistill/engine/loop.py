@@ -1,0 +1,294 @@
+"""The training loop, in one readable function (:func:`train`).
+
+Per optimiser step::
+
+    lr = schedule(step)
+    for each of accum_steps micro-batches: forward under autocast, float32 losses, backward
+        (DDP all-reduces the gradients on the last micro-batch only)
+    unscale, clip the global gradient norm
+    non-finite loss or gradients -> skip the update, report it, stop after max_bad_steps
+    AdamW step, EMA update
+    every log_every steps: JSONL record + curves; every eval_every: evaluate; every ckpt_every: checkpoint
+
+Resuming: a checkpoint holds weights, EMA, optimiser, gradient scaler, RNG states and the step.
+The learning rate is a function of the step, the data order a function of (seed, epoch) with the
+position in the epoch derived from the step, and the augmentation a function of (seed, epoch,
+index). So in deterministic mode a resumed run repeats an uninterrupted one bit for bit (tested on
+the CPU).
+
+Run directory: ``config.yaml`` (resolved), ``log.jsonl``, ``curves.png``, ``checkpoints/``,
+``eval/step_XXXXXX.json`` and, at the end, ``metrics.json``. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from occdistill.config import save_config, to_dict
+from occdistill.data.build import Dataset
+from occdistill.engine.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
+from occdistill.engine.config import TrainConfig
+from occdistill.engine.data import label_counts, open_split, train_loader
+from occdistill.engine.distributed import (
+    DistContext,
+    ResumableSampler,
+    all_reduce_max,
+    all_reduce_sum,
+    broadcast_buffers,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
+from occdistill.engine.ema import ModelEMA
+from occdistill.engine.evaluate import evaluate
+from occdistill.engine.history import History, plot_curves, read_records
+from occdistill.engine.objective import class_weights, forward_batch, supervised_losses
+from occdistill.engine.precision import autocast, grad_scaler
+from occdistill.engine.schedule import LRSchedule
+from occdistill.errors import ConfigError, OccDistillError
+from occdistill.io import atomic_write_json
+from occdistill.models.build import build_model
+
+# Settings that change nothing in the arithmetic of training: a resume may change them.
+RESUME_MAY_CHANGE = ("data.workers", "runtime.progress", "runtime.eval_every", "runtime.ckpt_every",
+                     "runtime.log_every", "runtime.keep_checkpoints", "runtime.eval_rayiou")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    model: nn.Module  # the trained weights (unwrapped, on the training device)
+    ema: ModelEMA | None
+    metrics: dict[str, Any] | None  # final evaluation report (percent), None without a val split
+    bad_steps: int
+    seconds: float  # wall time of this call's training steps (evaluation excluded)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False) -> TrainResult:
+    """Train ``cfg`` into ``run_dir``; ``resume`` continues from its latest checkpoint.
+
+    Under ``torchrun`` every process calls this; the process group is created and torn down here.
+    """
+    ctx = init_distributed(cfg.runtime.device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.runtime.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        return _train(cfg, Path(run_dir), resume, ctx)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        shutdown_distributed(ctx)
+
+
+def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def _check_fits(cfg: TrainConfig, model: nn.Module, dataset: Dataset) -> None:
+    """The model must predict the dataset's grid and classes from images of the loader's size."""
+    grid, data_grid = model.grid, dataset.grid
+    if grid.shape != data_grid.shape or not np.allclose(grid.range, data_grid.range):
+        raise ConfigError(f"model grid {grid.range} {grid.shape} does not match the dataset grid {data_grid.range} {data_grid.shape}")
+    num_classes = cfg.model.selected.num_classes
+    if num_classes != dataset.classes.num_classes:
+        raise ConfigError(f"model num_classes={num_classes}, the {dataset.classes.name} labels have {dataset.classes.num_classes}")
+    if tuple(cfg.model.selected.image_size) != tuple(cfg.data.image_aug.final_size):
+        raise ConfigError(f"model image_size {cfg.model.selected.image_size} != data.image_aug.final_size {cfg.data.image_aug.final_size}")
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> TrainResult:
+    rt, opt = cfg.runtime, cfg.optim
+    device = resolve_device(rt.device, ctx)
+    ckpt_root = run_dir / "checkpoints"
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(run_dir, with_state=True)
+        changed = [k for k in config_differences(ckpt.config, cfg) if k not in RESUME_MAY_CHANGE]
+        if changed:
+            raise ConfigError(f"{run_dir}: cannot resume with a different config (changed: {', '.join(changed)})")
+        if ckpt.state["world_size"] != ctx.world_size:
+            raise ConfigError(f"{ckpt.path}: saved with {ckpt.state['world_size']} processes, resuming with {ctx.world_size}")
+    elif (ckpt_root / "latest.json").exists():
+        raise OccDistillError(f"{run_dir}: already holds a training run; use --resume to continue it, or another --out")
+
+    # --- data, model, optimiser -----------------------------------------------------------------
+    torch.manual_seed(rt.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    train_set = open_split(cfg.data, "train", augment=True, seed=rt.seed)
+    val_set = open_split(cfg.data, "val", augment=False) if cfg.data.val_split else None
+    model = build_model(cfg.model)
+    _check_fits(cfg, model, train_set)
+    model.to(device)
+    if rt.sync_bn and ctx.distributed and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ema = ModelEMA(model, rt.ema_decay, rt.ema_ramp_steps) if rt.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    scaler = grad_scaler(device, rt.amp)
+    weights = None
+    if cfg.loss.class_weights != "none":
+        weights = class_weights(label_counts(train_set, cfg.loss.camera_mask), cfg.loss.class_weights).to(device)
+    depth_bins = model.view_transform.depth_bins if cfg.loss.depth_weight > 0 else None
+
+    sampler = ResumableSampler(train_set, ctx, rt.seed)
+    micro = opt.accum_steps
+    steps_per_epoch = sampler.shard_size // (cfg.data.batch_size * micro)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{len(train_set)} training samples cannot fill one step of {ctx.world_size} process(es) x "
+            f"batch_size {cfg.data.batch_size} x accum_steps {micro}"
+        )
+    total_steps = opt.max_steps or opt.epochs * steps_per_epoch
+    schedule = LRSchedule(opt.lr, total_steps, opt.warmup_steps, opt.warmup_ratio, opt.schedule, opt.min_lr_ratio)
+
+    step, bad_steps = 0, 0
+    if ckpt is not None:
+        load_weights(model, ckpt.weights, ckpt.path)
+        if ema is not None:
+            load_weights(ema.module, ckpt.ema_weights, ckpt.path)
+            ema.updates = ckpt.state["ema_updates"]
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        scaler.load_state_dict(ckpt.state["scaler"])
+        restore_rng_state(ckpt.state["rng"])
+        step, bad_steps = ckpt.step, ckpt.state["bad_steps"]
+
+    history = None
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        history = History(run_dir / "log.jsonl", resume_step=step if ckpt is not None else None)
+    train_model = model
+    if ctx.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint() -> None:
+        broadcast_buffers(model, ctx)
+        if ctx.is_main and not (ckpt_root / f"step_{step:06d}").exists():
+            state = {"bad_steps": bad_steps, "world_size": ctx.world_size, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rng_state(), "ema_updates": ema.updates if ema else 0}
+            save_checkpoint(ckpt_root, step, model=model, ema=ema.module if ema else None, config=cfg,
+                            state=state, keep=rt.keep_checkpoints)
+
+    def validate() -> dict[str, Any]:
+        eval_model = ema.module if ema is not None else model
+        broadcast_buffers(eval_model, ctx)
+        report = evaluate(eval_model, val_set, device, ctx=ctx, batch_size=cfg.data.val_batch_size,
+                          workers=cfg.data.workers, rayiou=rt.eval_rayiou, amp=rt.amp, progress=rt.progress)
+        if ctx.is_main:
+            atomic_write_json(run_dir / "eval" / f"step_{step:06d}.json", {"step": step, **report})
+            history.write({"type": "eval", "step": step, **{k: report[k] for k in ("mIoU", "IoU", "RayIoU")}})
+            plot_curves(read_records(history.path), run_dir / "curves.png", title=str(run_dir.name))
+        return report
+
+    # --- the loop ---------------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not (rt.progress and ctx.is_main))
+    window: dict[str, float] = {}  # loss sums since the last log record
+    window_steps, window_start = 0, time.perf_counter()
+    train_seconds = 0.0
+    report = None
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        # Start this rank's shard where the interrupted epoch stopped; every later epoch starts at 0.
+        sampler.set_epoch(epoch, skip=in_epoch * micro * cfg.data.batch_size)
+        batches = iter(train_loader(train_set, sampler, cfg.data, rt.seed, epoch))
+        for _ in range(in_epoch, min(steps_per_epoch, in_epoch + total_steps - step)):
+            step_start = time.perf_counter()
+            lr = schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms: dict[str, torch.Tensor] = {}
+            for m in range(micro):
+                batch = next(batches).to(device, non_blocking=True)
+                # DDP all-reduces gradients in backward; only the last micro-batch needs to.
+                sync = contextlib.nullcontext() if not ctx.distributed or m == micro - 1 else train_model.no_sync()
+                with sync:
+                    with autocast(device, rt.amp):
+                        out = forward_batch(train_model, batch)
+                    losses = supervised_losses(out, batch, cfg.loss, train_set.classes, depth_bins, weights)
+                    scaler.scale(losses["total"] / micro).backward()
+                for k, v in losses.items():
+                    terms[k] = terms.get(k, 0.0) + v.detach() / micro
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip or math.inf)
+
+            # Non-finite guard. fp16 overflow of the gradients is the scaler's business (it skips
+            # the step and lowers the scale); a non-finite loss, or non-finite gradients without a
+            # scaler, means the step is bad. All ranks decide together.
+            names = [*terms, "grad_norm"]
+            values = torch.stack([*terms.values(), grad_norm.detach().float()]).tolist()
+            loss_ok = all(math.isfinite(v) for v in values[:-1])
+            bad = not loss_ok or (not math.isfinite(values[-1]) and not scaler.is_enabled())
+            if bool(all_reduce_max(torch.tensor([int(bad)], device=device), ctx)):
+                bad_steps += 1
+                culprits = [k for k, v in zip(names, values) if not math.isfinite(v)] or ["values on another rank"]
+                message = f"step {step}: non-finite {', '.join(culprits)}; update skipped ({bad_steps} so far)"
+                if ctx.is_main:
+                    tqdm.write(f"occdistill train: {message}", file=sys.stderr)
+                    history.write({"type": "bad_step", "step": step, "message": message})
+                if bad_steps > rt.max_bad_steps:
+                    raise OccDistillError(
+                        f"training stopped at step {step}: {bad_steps} non-finite steps (runtime.max_bad_steps={rt.max_bad_steps})"
+                    )
+            else:
+                scaler.step(optimizer)
+                if ema is not None:
+                    ema.update(model)
+                for k, v in zip(names, values):
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_seconds += time.perf_counter() - step_start
+            bar.update(1)
+            bar.set_postfix({**{k: f"{v:.3g}" for k, v in zip(names[:-1], values)}, "lr": f"{lr:.2e}"}, refresh=False)
+
+            if step % rt.log_every == 0 or step == total_steps:
+                sums = all_reduce_sum(torch.tensor([window_steps, *window.values()], dtype=torch.float64, device=device), ctx).tolist()
+                elapsed = time.perf_counter() - window_start
+                if ctx.is_main and sums[0] > 0:
+                    means = {k: s / sums[0] for k, s in zip(window, sums[1:])}
+                    rate = sums[0] * cfg.data.batch_size * micro / elapsed  # sums[0] = steps x ranks
+                    history.write({"type": "train", "step": step, "epoch": epoch, "lr": lr,
+                                   "loss": means.pop("total"), **means, "samples_per_s": rate, "elapsed_s": elapsed})
+                    plot_curves(read_records(history.path), run_dir / "curves.png", title=str(run_dir.name))
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if rt.ckpt_every and step % rt.ckpt_every == 0 and step < total_steps:
+                checkpoint()
+            if val_set is not None and rt.eval_every and step % rt.eval_every == 0 and step < total_steps:
+                report = validate()
+    bar.close()
+
+    checkpoint()
+    if val_set is not None:
+        report = validate()
+    broadcast_buffers(model, ctx)
+    if ctx.is_main:
+        atomic_write_json(run_dir / "metrics.json", {"step": step, "bad_steps": bad_steps, "train_seconds": train_seconds,
+                                                     "weights": "ema" if ema else "model", "metrics": report})
+        history.close()
+    return TrainResult(run_dir=run_dir, step=step, model=model, ema=ema, metrics=report, bad_steps=bad_steps,
+                       seconds=train_seconds)

@@ -1,0 +1,81 @@
+"""The supervised objective of the dense student: batch -> model output -> named loss terms.
+
+Terms are returned unweighted next to the weighted ``total`` (DETR's weight_dict idea), so logs show
+both what each loss measures and what it contributes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from occdistill.data.classes import ClassTable
+from occdistill.data.sample import Batch
+from occdistill.engine.config import LossConfig
+from occdistill.losses.supervised import depth_bce_loss, voxel_cross_entropy
+from occdistill.models.dense import DenseOutput
+from occdistill.nn.depth_bins import DepthBins
+
+
+def forward_batch(model: nn.Module, batch: Batch) -> DenseOutput:
+    """Run the model on a batch already on the model's device."""
+    return model(batch.images, batch.intrinsics, batch.img_from_raw, batch.ego_from_cam)
+
+
+def predict_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Voxel logits (B, X, Y, Z, K) -> class ids (B, X, Y, Z) uint8 (the ``score`` file format)."""
+    return logits.argmax(dim=-1).to(torch.uint8)
+
+
+def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Per-class CE weights (K,) from training-label counts, or None for ``mode == "none"``.
+
+    ``inverse_log``: FlashOcc's ``class_balance``, ``1 / log(count + 0.001)``, with counts below e
+    raised to e so that the log stays positive. ``inverse_sqrt``: ``1 / sqrt(frequency)``, scaled so the
+    classes present average 1 (absent classes get 0: they have no voxels to weight anyway).
+    """
+    if mode == "none":
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    if mode == "inverse_log":
+        w = 1.0 / np.log(np.maximum(counts, math.e) + 0.001)
+        return torch.tensor(w, dtype=torch.float32)
+    if mode == "inverse_sqrt":
+        w = np.zeros_like(counts)
+        w[present] = 1.0 / np.sqrt(counts[present] / counts.sum())
+        w[present] /= w[present].mean()
+        return torch.tensor(w, dtype=torch.float32)
+    raise ValueError(f"unknown class weighting {mode!r}")
+
+
+def supervised_losses(
+    out: DenseOutput,
+    batch: Batch,
+    cfg: LossConfig,
+    classes: ClassTable,
+    depth_bins: DepthBins | None = None,
+    weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loss terms (float32 scalars): ``ce`` and, when weighted in, ``depth``; ``total`` is their
+    weighted sum. Which voxels count: ``mask_camera`` when ``cfg.camera_mask``, else every voxel
+    with a known label."""
+    if batch.semantics is None:
+        raise ValueError("the batch has no labels")
+    mask = None
+    if cfg.camera_mask:
+        if batch.mask_camera is None:
+            raise ValueError("loss.camera_mask is on but the dataset provides no mask_camera")
+        mask = batch.mask_camera
+    terms = {"ce": voxel_cross_entropy(out.voxel_logits, batch.semantics, mask, weights, classes.ignore_index)}
+    total = terms["ce"]
+    if cfg.depth_weight > 0:
+        if batch.depth is None or depth_bins is None:
+            raise ValueError("loss.depth_weight > 0 needs depth targets (data.depth) and the model's depth bins")
+        terms["depth"] = depth_bce_loss(out.depth, batch.depth, depth_bins)
+        total = total + cfg.depth_weight * terms["depth"]
+    terms["total"] = total
+    return terms

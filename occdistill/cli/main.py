@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "viz": ("occdistill.cli.viz", "draw GT voxels over camera images and a BEV label map, per sample"),
     "score": ("occdistill.cli.score", "evaluate saved prediction files against GT files"),
     "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile"),
+    "costmap": ("occdistill.cli.costmap", "occupancy -> 2D costmap (map_server PGM+YAML, OccupancyGrid, MCAP) and dynamic risk layer"),
 }
 
 

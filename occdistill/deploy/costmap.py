@@ -43,6 +43,7 @@ unknown cells (it adds cost; it is not evidence of free space). Merge with :meth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -402,3 +403,60 @@ def render_costmap(
         x += 16 + 7 * len(label) + 14
     d.text((x, pic.height + 5), f"{costmap.resolution:g} m/cell, x right, y up", fill=(90, 90, 90))
     return out
+
+
+# ------------------------------------------------------------------ files
+
+
+def costmap_messages(costmap: Costmap, stamp_ns: int = 0) -> dict[str, dict[str, Any]]:
+    """``{"occupancy": msg, "risk": msg}``: nav_msgs/OccupancyGrid fields of both layers."""
+    from occdistill.deploy.ros_io import occupancy_grid_message
+
+    return {
+        layer: occupancy_grid_message(getattr(costmap, layer), costmap.resolution, costmap.origin, costmap.frame_id, stamp_ns)
+        for layer in ("occupancy", "risk")
+    }
+
+
+def write_costmap(
+    costmap: Costmap,
+    out_dir: str | Path,
+    name: str,
+    cfg: CostmapConfig,
+    stamp_ns: int = 0,
+    marker: tuple[float, float] | None = (0.0, 0.0),
+) -> dict[str, str]:
+    """Write one frame's files into ``out_dir`` and return them by role:
+
+    ``<name>.yaml/.pgm`` (occupancy, map_server trinary), ``<name>_risk.yaml/.pgm`` (risk, map_server
+    raw: pixel = cost), ``<name>.png`` (picture), ``<name>_occupancy_grid.json`` and
+    ``<name>_risk_occupancy_grid.json`` (OccupancyGrid message fields).
+    """
+    import io as _io
+
+    from occdistill.deploy import ros_io
+    from occdistill.io import atomic_write_bytes
+
+    out = Path(out_dir)
+    origin = costmap.origin
+    occ = ros_io.write_map_server(
+        out / f"{name}.yaml", costmap.occupancy, costmap.resolution, origin, "trinary", cfg.occupied_thresh, cfg.free_thresh
+    )
+    risk = ros_io.write_map_server(
+        out / f"{name}_risk.yaml", costmap.risk, costmap.resolution, origin, "raw", cfg.occupied_thresh, cfg.free_thresh
+    )
+    buf = _io.BytesIO()
+    render_costmap(costmap, marker=marker).save(buf, format="PNG")
+    png = atomic_write_bytes(out / f"{name}.png", buf.getvalue())
+    msgs = costmap_messages(costmap, stamp_ns)
+    occ_json = ros_io.write_occupancy_grid_json(out / f"{name}_occupancy_grid.json", msgs["occupancy"])
+    risk_json = ros_io.write_occupancy_grid_json(out / f"{name}_risk_occupancy_grid.json", msgs["risk"])
+    return {
+        "map_yaml": str(occ.yaml),
+        "map_pgm": str(occ.image),
+        "risk_yaml": str(risk.yaml),
+        "risk_pgm": str(risk.image),
+        "png": str(png),
+        "occupancy_grid_json": str(occ_json),
+        "risk_occupancy_grid_json": str(risk_json),
+    }

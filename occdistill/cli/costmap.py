@@ -182,17 +182,19 @@ def _resolve_grid(args: argparse.Namespace, shape: tuple[int, ...], path: Path, 
     return grid
 
 
-def _marker(args: argparse.Namespace, arrays: dict, grid) -> tuple[float, float] | None:
-    """Where the picture's triangle goes: the ego origin (occ3d), the camera (Occ-ScanNet pickle)."""
+def _marker(args: argparse.Namespace, arrays: dict, grid) -> tuple[float, ...] | None:
+    """The picture's triangle: the ego origin facing +x (occ3d), the camera and its viewing
+    direction (Occ-ScanNet pickle with ``cam_pose`` and ``voxel_origin``)."""
     import numpy as np
 
     if args.format == "occ3d":
         return (0.0, 0.0)
     if "cam_pose" in arrays and "voxel_origin" in arrays:
-        cam = np.asarray(arrays["cam_pose"], dtype=np.float64)[:3, 3]
+        pose = np.asarray(arrays["cam_pose"], dtype=np.float64)
+        cam, axis = pose[:3, 3], pose[:3, 2]  # camera-to-world: position, optical axis
         origin = np.asarray(arrays["voxel_origin"], dtype=np.float64).reshape(3)
         centre = origin + np.asarray([grid.shape[0] / 2, grid.shape[1] / 2, 0]) * grid.size
-        return (float(cam[0] - centre[0]), float(cam[1] - centre[1]))
+        return (float(cam[0] - centre[0]), float(cam[1] - centre[1]), float(np.arctan2(axis[1], axis[0])))
     return None
 
 

@@ -363,12 +363,13 @@ def render_costmap(
     costmap: Costmap,
     scale: int | None = None,
     legend: bool = True,
-    marker: tuple[float, float] | None = (0.0, 0.0),
+    marker: tuple[float, ...] | None = (0.0, 0.0),
 ):
     """Colour picture of the layers as a PIL image, oriented like the PGM and RViz's top view:
     x (forward) to the right, y (left) up. Occupied black, free light grey, unknown blue-grey,
-    risk in red with opacity = cost. ``marker`` (x, y) in the map frame -- the ego origin by
-    default, the camera for Occ-ScanNet, None for none -- is a yellow triangle pointing along +x.
+    risk in red with opacity = cost. ``marker`` (x, y[, yaw]) in the map frame -- the ego origin
+    by default, the camera for Occ-ScanNet, None for none -- is a yellow triangle pointing along
+    yaw (radians from +x, default 0).
     """
     from PIL import Image, ImageDraw
 
@@ -385,11 +386,15 @@ def render_costmap(
         scale = max(1, int(np.ceil(480 / max(h, w))))
     pic = Image.fromarray(img, "RGB").resize((w * scale, h * scale), Image.NEAREST)
     draw = ImageDraw.Draw(pic)
-    if marker is not None and costmap.cell_at(*marker) is not None:
+    if marker is not None and costmap.cell_at(marker[0], marker[1]) is not None:
         px = (marker[0] - costmap.origin[0]) / costmap.resolution * scale
         py = (h - (marker[1] - costmap.origin[1]) / costmap.resolution) * scale
         s = max(4.0, 1.2 * scale)
-        draw.polygon([(px + 1.6 * s, py), (px - s, py - s), (px - s, py + s)], fill=(255, 200, 0), outline=(0, 0, 0))
+        yaw = float(marker[2]) if len(marker) > 2 else 0.0
+        c, n = np.cos(yaw), np.sin(yaw)
+        # Triangle in the marker's frame, rotated by yaw; image y points down, map y up.
+        tri = [(2.0 * s, 0.0), (-s, -0.8 * s), (-s, 0.8 * s)]
+        draw.polygon([(px + c * u - n * v, py - (n * u + c * v)) for u, v in tri], fill=(255, 200, 0), outline=(0, 0, 0))
     if not legend:
         return pic
     bar = 22
@@ -424,7 +429,7 @@ def write_costmap(
     name: str,
     cfg: CostmapConfig,
     stamp_ns: int = 0,
-    marker: tuple[float, float] | None = (0.0, 0.0),
+    marker: tuple[float, ...] | None = (0.0, 0.0),
 ) -> dict[str, str]:
     """Write one frame's files into ``out_dir`` and return them by role:
 

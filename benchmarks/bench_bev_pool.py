@@ -30,10 +30,10 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from occdistill.geometry import OCC3D_GRID, crop_matrix, resize_matrix, transform_from_quat, yaw_transform
+from occdistill.deploy.rig import nuscenes_rig  # (intrinsics, img_from_raw, ego_from_cam, source, ...) at 256x704
+from occdistill.geometry import OCC3D_GRID
 from occdistill.nn import (
     BEVEncoder,
     BEVOccHead,
@@ -47,36 +47,11 @@ from occdistill.nn import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata" / "nuscenes_bevdet_trt_sample0_scene0003" / "sample0000.yaml"
-CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
 IMAGE = (256, 704)
 STRIDE = 16
 CONTEXT = 64
 NUM_CLASSES = 18
 CONFIGS = {"M0": (DepthBins(1.0, 45.0, 1.0), 128), "M1": (DepthBins(1.0, 45.0, 0.5), 256)}
-
-
-def nuscenes_rig() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """(N, 3, 3) intrinsics, (N, 3, 3) img_from_raw, (N, 4, 4) ego_from_cam, source description."""
-    # FlashOcc test-time augmentation: 1600x900 -> resize 0.44 -> 704x396 -> crop rows 140..396.
-    aug = crop_matrix(0, 140) @ resize_matrix(0.44)
-    if REALDATA.exists():
-        import yaml
-
-        info = yaml.safe_load(REALDATA.read_text())["cams"]
-        ks = [np.asarray(info[c]["cam_intrinsic"], dtype=np.float64) for c in CAMERAS]
-        poses = [transform_from_quat(info[c]["sensor2ego_rotation"], info[c]["sensor2ego_translation"])
-                 for c in CAMERAS]
-        source = f"real nuScenes calibration ({REALDATA.parent.name})"
-    else:
-        k = np.array([[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]])
-        to_ego = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-        yaws = np.deg2rad([55.0, 0.0, -55.0, 110.0, 180.0, -110.0])
-        ks = [k] * 6
-        poses = [yaw_transform(y, 1.0 * np.cos(y), 1.0 * np.sin(y), 1.5) @ to_ego for y in yaws]
-        source = "synthetic nuScenes-like rig (realdata folder absent)"
-    stack = lambda arrays: torch.from_numpy(np.stack(arrays))  # noqa: E731
-    return stack(ks), stack([aug] * 6), stack(poses), source
 
 
 class DenseStudent(torch.nn.Module):

@@ -1,7 +1,7 @@
 """``occdistill bench``: latency (median, p90), FPS, peak memory, FLOPs and the per-stage profile.
 
     occdistill bench --config CONFIG.yaml [key=value ...] --json OUT.json
-    occdistill bench --checkpoint CKPT --data ROOT --infos INFOS.pkl --json OUT.json
+    occdistill bench --checkpoint RUN_OR_CKPT_DIR --data ROOT --infos INFOS.pkl --json OUT.json
 
 Engine-only numbers (forward + argmax on a batch already on the device) for both BEV pooling paths
 (training scatter and the exportable precomputed plan), the per-stage breakdown (backbone, neck,
@@ -22,11 +22,15 @@ HELP = "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile of 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="model config YAML (random weights)")
-    src.add_argument("--checkpoint", help="training checkpoint (its config and weights)")
+    src.add_argument("--config", help="training config (YAML or built-in name, e.g. flashocc-m0) or a dense-model "
+                     "YAML; random weights")
+    src.add_argument("--checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     parser.add_argument("--data", help="dataset root: take the batch from it and measure end-to-end")
     parser.add_argument("--infos", help="info pickle of the dataset (occ3d format)")
-    parser.add_argument("--format", default="occ3d", choices=("occ3d", "occscannet"), help="dataset format (default occ3d)")
+    parser.add_argument("--format", choices=("occ3d", "occscannet"),
+                        help="dataset format (default: the training config's data.format, else occ3d)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="with --checkpoint: the EMA weights (default, when present) or the raw weights")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="float32, or autocast to float16/bfloat16")
@@ -73,16 +77,19 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides and args.checkpoint:
         raise OccDistillError("key=value overrides apply to --config only")
 
-    model, name = load_bench_model(config=args.config, checkpoint=args.checkpoint, overrides=args.overrides)
-    model = model.to(device)
+    loaded = load_bench_model(config=args.config, checkpoint=args.checkpoint, overrides=args.overrides,
+                              weights=args.weights)
+    model = loaded.model.to(device)
     dataset = None
     if args.data:
-        dataset = open_bench_dataset(args.format, args.data, args.infos, model.cfg.image_size)
+        fmt = args.format or (loaded.data.format if loaded.data is not None else "occ3d")
+        cameras = loaded.data.cameras if loaded.data is not None else ()
+        dataset = open_bench_dataset(fmt, args.data, args.infos, model.cfg.image_size, cameras)
         inputs = dataset_inputs(dataset, args.batch, device)
     else:
         inputs = synthetic_inputs(model, args.batch, device=device)
     result = benchmark(
-        model, inputs, dataset=dataset, model_name=name, dtype=args.dtype, repeats=args.repeats,
+        model, inputs, dataset=dataset, model_name=loaded.name, dtype=args.dtype, repeats=args.repeats,
         warmup=args.warmup, count_flops=not args.no_flops, measure_memory=not args.no_memory,
         export_path=not args.no_export_path, progress=not args.quiet,
     )

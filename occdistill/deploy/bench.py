@@ -13,9 +13,10 @@ data pipeline were fixed costs. This module measures where the time goes:
   softmax), pooling (``LSSViewTransformer.splat``: the depth x context outer product, on the
   training path also the ego geometry of the frustum, and the BEV pooling), bev_encoder, head
   (C2H), argmax (to uint8 class ids);
-- **both pooling paths** in one run, round-robin so that they share the background load of a
-  shared machine: the training path (``bev_pool_scatter`` on the batch's geometry) and the
-  exportable path (plan precomputed for the fixed rig of the batch's first sample);
+- **both pooling paths** in one run: the training path (``bev_pool_scatter`` on the batch's
+  geometry) and the exportable path (plan precomputed for the fixed rig of the batch's first
+  sample). Each round runs both paths and one end-to-end batch in turn, so that all of them share
+  the background load of a shared machine; minima are reported next to medians;
 - **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: formula counts of matmul/conv-type
   ops only (conv, mm, addmm, bmm, einsum through bmm), 2 FLOPs per multiply-add; elementwise ops,
   softmax, index_add, cumsum, gathers and the argmax count zero. ``gmacs`` = FLOPs / 2 is the unit
@@ -65,11 +66,14 @@ FLOP_COUNT_NOTE = (
 
 @dataclass(frozen=True)
 class StageTiming:
-    """One stage of the forward: medians/p90 in ms, ``share`` = median / sum of the stage medians."""
+    """One stage of the forward in ms: median, p90 and minimum (background load only adds time: on a
+    shared machine the minimum is the less noisy estimate); ``share`` = median / sum of the stage
+    medians."""
 
     name: str
     median_ms: float
     p90_ms: float
+    min_ms: float
     share: float
     gflops: float | None = None
 
@@ -82,6 +86,7 @@ class PathProfile:
     pooling: str
     latency_median_ms: float
     latency_p90_ms: float
+    latency_min_ms: float
     fps: float
     stages: tuple[StageTiming, ...]
 
@@ -99,6 +104,8 @@ class BenchResult:
 
     The headline latency/FPS/stages are the training (scatter) path, the one ``forward`` takes
     without a fixed rig; ``paths`` has both pooling paths. FPS = samples per second.
+    ``peak_memory_mb``: memory of one engine-only forward + argmax above the resident weights and
+    inputs (``peak_memory_kind`` says how it was measured); ``model_memory_mb``: parameters + buffers.
     """
 
     model: str
@@ -113,6 +120,7 @@ class BenchResult:
     warmup: int
     latency_median_ms: float
     latency_p90_ms: float
+    latency_min_ms: float
     fps: float
     stages: tuple[StageTiming, ...]
     paths: tuple[PathProfile, ...]
@@ -128,6 +136,7 @@ class BenchResult:
     model_memory_mb: float
     end_to_end_median_ms: float | None
     end_to_end_p90_ms: float | None
+    end_to_end_min_ms: float | None
     end_to_end_fps: float | None
     data_pipeline_ms_per_sample: float | None
     data_share_of_end_to_end: float | None
@@ -262,6 +271,20 @@ def profiled_forward(
     return StagedOutput(output=out, labels=labels)
 
 
+def count_stage_flops(model: DenseStudent, inputs: EngineInputs) -> dict[str, int]:
+    """FLOPs of each stage of one forward (FlopCounterMode: matmul/conv-type ops, 2 per multiply-add).
+
+    Runs with the model's current pooling path; only the training path's frustum geometry (an
+    einsum) counts anything in the pooling stage.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        clock = StageClock(inputs.images.device, counter)
+        profiled_forward(model, *inputs.args(), clock=clock)
+    return clock.flops
+
+
 # ---------------------------------------------------------------------------------------------
 # model and inputs
 
@@ -282,16 +305,30 @@ def _yaml_mapping(path: Path) -> dict:
     return loaded
 
 
+@dataclass
+class BenchModel:
+    """A model to benchmark, its description, and the training config's data section (dataset
+    format and camera order) when it came from a training config or checkpoint."""
+
+    model: torch.nn.Module
+    name: str
+    data: Any = None
+
+
 def load_bench_model(
-    config: str | Path | None = None, checkpoint: str | Path | None = None, overrides: Sequence[str] = ()
-) -> tuple[torch.nn.Module, str]:
-    """(model, description) from a config or a checkpoint.
+    config: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    weights: str = "ema",
+) -> BenchModel:
+    """The model of a config (random weights) or of a checkpoint.
 
     ``config``: a training config (YAML with any of the sections data/model/optim/loss/runtime,
-    or a built-in name such as ``flashocc-m0``; the model is built by
-    :func:`occdistill.models.build.build_model` with random weights), or a bare dense-model
-    YAML (the fields of :class:`DenseStudentConfig`). ``overrides`` are ``key=value`` in that file's
-    key space. ``checkpoint``: the model of a training checkpoint, with its weights.
+    or a built-in name such as ``street-tiny``; built by :func:`occdistill.models.build.build_model`)
+    or a bare dense-model YAML (the fields of :class:`DenseStudentConfig`); ``overrides`` are
+    ``key=value`` in that file's key space. ``checkpoint``: a checkpoint or run directory
+    (:func:`occdistill.engine.checkpoint.load_checkpoint`), with its EMA weights when ``weights``
+    is "ema" and it has them, else the raw weights.
     """
     from occdistill.config import load_config
     from occdistill.engine.config import load_train_config, resolve_config_path
@@ -301,17 +338,19 @@ def load_bench_model(
     if (config is None) == (checkpoint is None):
         raise OccDistillError("give exactly one of a config and a checkpoint")
     if checkpoint is not None:
-        return _load_checkpoint_model(Path(checkpoint))
+        from occdistill.engine.checkpoint import load_checkpoint, load_weights
+
+        ckpt = load_checkpoint(checkpoint)
+        model = build_model(ckpt.config.model)
+        use_ema = weights == "ema" and ckpt.ema_weights is not None
+        load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)
+        name = f"{ckpt.config.model.kind} ({ckpt.path}, step {ckpt.step}, {'ema' if use_ema else 'model'} weights)"
+        return BenchModel(model, name, ckpt.config.data)
     path = resolve_config_path(config)
     if set(_yaml_mapping(path)) & set(_TRAIN_SECTIONS):
         cfg = load_train_config(path, list(overrides))
-        return build_model(cfg.model), f"{cfg.model.kind} ({path.name})"
-    return DenseStudent(load_config(DenseStudentConfig, path, list(overrides))), f"dense ({path.name})"
-
-
-def _load_checkpoint_model(path: Path) -> tuple[torch.nn.Module, str]:
-    raise OccDistillError(f"{path}: --checkpoint needs the training engine's checkpoint reader "
-                          "(occdistill/engine/checkpoint.py), which is not available yet; use --config")
+        return BenchModel(build_model(cfg.model), f"{cfg.model.kind} ({path.name})", cfg.data)
+    return BenchModel(DenseStudent(load_config(DenseStudentConfig, path, list(overrides))), f"dense ({path.name})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,9 +370,13 @@ def synthetic_inputs(
     return EngineInputs(images.to(device), k, aug, pose, source="synthetic random images", rig=rig.source)
 
 
-def open_bench_dataset(fmt: str, data_root: str | Path, infos: str | Path | None, image_size: tuple[int, int]):
+def open_bench_dataset(
+    fmt: str, data_root: str | Path, infos: str | Path | None, image_size: tuple[int, int],
+    cameras: Sequence[str] = (),
+):
     """An evaluation-mode dataset (no labels: deployment does not read them) whose images are
-    resized/cropped to the network input ``image_size``."""
+    resized/cropped to the network input ``image_size``; ``cameras`` orders the Occ3D cameras
+    (empty: the order of the infos)."""
     from occdistill.data.augment import ImageAugConfig
     from occdistill.errors import DataError
 
@@ -349,7 +392,7 @@ def open_bench_dataset(fmt: str, data_root: str | Path, infos: str | Path | None
         p = Path(infos)
         if not (p.is_file() or (not p.is_absolute() and (root / p).is_file())):
             raise DataError(f"{infos}: info file not found")
-        ds = Occ3DDataset(root, infos, image_aug=aug, with_labels=False)
+        ds = Occ3DDataset(root, infos, image_aug=aug, with_labels=False, cameras=tuple(cameras) or None)
     elif fmt == "occscannet":
         from occdistill.data.occscannet import OccScanNetDataset
 
@@ -411,19 +454,21 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[fl
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
-        return peak / 2**20, "cuda max_memory_allocated during one forward minus the allocation before it"
+        return peak / 2**20, "CUDA max_memory_allocated during the call minus memory_allocated before it"
     if _reset_peak_rss():
         base = _status_kb("VmRSS")
         out = fn()
         peak = _status_kb("VmHWM") - base
         del out
-        return peak / 1024, "CPU process peak RSS (VmHWM, reset via clear_refs) during one forward minus RSS before it"
+        return peak / 1024, ("CPU process peak RSS (VmHWM, reset via clear_refs after malloc_trim) during the "
+                             "call minus RSS before it")
     base = _status_kb("VmRSS") or 0
     out = fn()
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024 - base
     del out
-    return max(peak, 0.0) / 1024, "CPU ru_maxrss minus RSS before the forward (upper bound: the lifetime peak)"
+    return max(peak, 0.0) / 1024, ("CPU ru_maxrss minus RSS before the call (upper bound: ru_maxrss is the "
+                                    "lifetime peak)")
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -438,7 +483,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -469,12 +514,14 @@ def _path_profile(path: str, stage_samples: list[dict[str, float]], latency: lis
     medians = {s: _ms([r[s] for r in stage_samples]) for s in STAGES}
     total = sum(m for m, _ in medians.values())
     stages = tuple(
-        StageTiming(s, _r(m), _r(p), _r(m / total, 4), None if flops is None else _r(flops[s] / 1e9))
+        StageTiming(s, _r(m), _r(p), _r(1e3 * min(r[s] for r in stage_samples)), _r(m / total, 4),
+                    None if flops is None else _r(flops[s] / 1e9))
         for s, (m, p) in medians.items()
     )
     lat_med, lat_p90 = _ms(latency)
     pooling = "bev_pool_scatter (per-batch geometry)" if path == "train" else "bev_pool_precomputed (fixed rig)"
-    return PathProfile(path, pooling, _r(lat_med), _r(lat_p90), _r(1e3 * batch / lat_med, 2), stages)
+    return PathProfile(path, pooling, _r(lat_med), _r(lat_p90), _r(1e3 * min(latency)), _r(1e3 * batch / lat_med, 2),
+                       stages)
 
 
 def benchmark(
@@ -494,7 +541,9 @@ def benchmark(
     """Benchmark ``model`` (eval mode, inference mode) on ``inputs`` (already on the model's device).
 
     With ``dataset`` (samples at the model's input size, see :func:`open_bench_dataset`), also the
-    end-to-end latency and the data pipeline per sample. The model's fixed-rig state is restored.
+    end-to-end latency and the data pipeline per sample. Every round runs the training path, the
+    exportable path and one end-to-end batch in turn, so that all of them share the background
+    load of a shared machine. The model's mode and fixed-rig state are restored.
     """
     if not isinstance(model, DenseStudent):
         raise OccDistillError(f"bench profiles dense students; got a {type(model).__name__}")
@@ -502,8 +551,11 @@ def benchmark(
         raise OccDistillError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if repeats < 1 or warmup < 0:
         raise OccDistillError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    from occdistill.data.sample import collate
+
     device = inputs.images.device
     batch, cams = inputs.images.shape[:2]
+    machine = machine_info(device)
     vt = model.view_transform
     was_training, original_plan = model.training, vt.fixed_pool
     model.eval()
@@ -523,14 +575,15 @@ def benchmark(
 
         stage_samples: dict[str, list[dict[str, float]]] = {p: [] for p in plans}
         latency: dict[str, list[float]] = {p: [] for p in plans}
+        e2e, data_times = [], []
         rounds = range(warmup + repeats)
         if progress:
             from tqdm import tqdm
 
-            rounds = tqdm(rounds, desc="bench engine", unit="round", file=sys.stderr, dynamic_ncols=True)
+            rounds = tqdm(rounds, desc="bench", unit="round", file=sys.stderr, dynamic_ncols=True)
         with torch.inference_mode(), _autocast(device, dtype):
             for rep in rounds:
-                for path, plan in plans.items():  # round-robin: both paths see the same load
+                for path, plan in plans.items():
                     vt.fixed_pool = plan
                     clock = StageClock(device)
                     profiled_forward(model, *inputs.args(), clock=clock)
@@ -545,34 +598,8 @@ def benchmark(
                     if rep >= warmup:
                         stage_samples[path].append(dict(clock.seconds))
                         latency[path].append(lat)
-
-            vt.fixed_pool = None
-            flops_by_stage = None
-            if count_flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as counter:
-                    clock = StageClock(device, counter)
-                    profiled_forward(model, *inputs.args(), clock=clock)
-                flops_by_stage = clock.flops
-
-            peak_mb, peak_kind = None, "not measured"
-            if measure_memory:
-                peak_mb, peak_kind = measure_peak_memory(
-                    lambda: predict_labels(model(*inputs.args()).voxel_logits), device
-                )
-
-            e2e, data_times = [], []
-            if dataset is not None:
-                from occdistill.data.sample import collate
-
-                e2e_rounds = range(warmup + repeats)
-                if progress:
-                    from tqdm import tqdm
-
-                    e2e_rounds = tqdm(e2e_rounds, desc="bench end-to-end", unit="batch", file=sys.stderr,
-                                      dynamic_ncols=True)
-                for rep in e2e_rounds:
+                if dataset is not None:  # end-to-end on the training path, as forward() runs it
+                    vt.fixed_pool = None
                     sync(device)
                     t0 = time.perf_counter()
                     b = collate([dataset[i] for i in _indices(rep * batch, batch, len(dataset))]).to(device)
@@ -584,6 +611,14 @@ def benchmark(
                     if rep >= warmup:
                         e2e.append(t2 - t0)
                         data_times.append(t1 - t0)
+
+            vt.fixed_pool = None
+            flops_by_stage = count_stage_flops(model, inputs) if count_flops else None
+            peak_mb, peak_kind = None, "not measured"
+            if measure_memory:
+                peak_mb, peak_kind = measure_peak_memory(
+                    lambda: predict_labels(model(*inputs.args()).voxel_logits), device
+                )
     finally:
         vt.fixed_pool = original_plan
         model.train(was_training)
@@ -600,9 +635,12 @@ def benchmark(
     if dataset is None:
         notes.append("no dataset: end-to-end and data pipeline not measured (pass --data)")
     else:
-        notes.append("end-to-end: dataset read + collate + to(device) + forward + argmax, sequential, no loader workers")
+        notes.append("end-to-end: dataset read + collate + to(device) + forward + argmax, sequential, "
+                     "no loader workers")
     if dtype != "float32":
         notes.append(f"{dtype}: torch.autocast; the BEV pooling runs in float32 by design")
+    if hasattr(os, "getloadavg"):
+        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return BenchResult(
@@ -618,6 +656,7 @@ def benchmark(
         warmup=warmup,
         latency_median_ms=train.latency_median_ms,
         latency_p90_ms=train.latency_p90_ms,
+        latency_min_ms=train.latency_min_ms,
         fps=train.fps,
         stages=train.stages,
         paths=profiles,
@@ -634,10 +673,11 @@ def benchmark(
         model_memory_mb=_r(model_bytes / 2**20, 1),
         end_to_end_median_ms=_r(e2e_med),
         end_to_end_p90_ms=_r(e2e_p90),
+        end_to_end_min_ms=_r(1e3 * min(e2e)) if e2e else None,
         end_to_end_fps=None if e2e_med is None else _r(1e3 * batch / e2e_med, 2),
         data_pipeline_ms_per_sample=None if data_med is None else _r(data_med / batch),
         data_share_of_end_to_end=None if data_med is None else _r(data_med / e2e_med, 4),
-        machine=machine_info(device),
+        machine=machine,
         notes=tuple(notes),
     )
 
@@ -662,6 +702,7 @@ def format_table(result: BenchResult) -> str:
     lines.append(f"{'latency':14s}" + "".join(f"{p.latency_median_ms:12.1f}{'':8s}" for p in result.paths)
                  + (f"{result.gflops:9.2f}" if result.gflops is not None else ""))
     lines.append(f"{'p90':14s}" + "".join(f"{p.latency_p90_ms:12.1f}{'':8s}" for p in result.paths))
+    lines.append(f"{'min':14s}" + "".join(f"{p.latency_min_ms:12.1f}{'':8s}" for p in result.paths))
     lines.append(f"{'FPS':14s}" + "".join(f"{p.fps:12.2f}{'':8s}" for p in result.paths))
     if result.end_to_end_median_ms is not None:
         lines.append(f"end-to-end {result.end_to_end_median_ms:.1f} ms (p90 {result.end_to_end_p90_ms:.1f}), "
@@ -671,12 +712,13 @@ def format_table(result: BenchResult) -> str:
     lines.append(f"params {result.params / 1e6:.2f} M, peak memory {mem}, model {result.model_memory_mb:.0f} MB")
     if result.export_over_train_latency is not None:
         lines.append(f"export/train: forward {result.export_over_train_latency:.2f}x, "
-                     f"pooling {result.export_over_train_pooling:.2f}x (plan built once in {result.export_plan_ms:.1f} ms)")
+                     f"pooling {result.export_over_train_pooling:.2f}x "
+                     f"(plan built once in {result.export_plan_ms:.1f} ms)")
     return "\n".join(lines)
 
 
 __all__ = [
     "BenchResult", "EngineInputs", "PATHS", "PathProfile", "STAGES", "StageClock", "StageTiming", "StagedOutput",
-    "benchmark", "dataset_inputs", "format_table", "machine_info", "measure_peak_memory", "open_bench_dataset",
-    "predict_labels", "profiled_forward", "synthetic_inputs",
+    "BenchModel", "benchmark", "count_stage_flops", "dataset_inputs", "format_table", "load_bench_model", "machine_info",
+    "measure_peak_memory", "open_bench_dataset", "predict_labels", "profiled_forward", "synthetic_inputs",
 ]

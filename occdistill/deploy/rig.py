@@ -47,7 +47,9 @@ class Rig(NamedTuple):
     camera_names: tuple[str, ...] = NUSCENES_CAMERAS
     raw_size: tuple[int, int] = NUSCENES_RAW_SIZE  # (H, W) before img_from_raw
 
-    def batched(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batched(
+        self, batch: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) copies of the rig for a batch of ``batch`` samples."""
         return tuple(t.to(device)[None].expand(batch, *t.shape).contiguous() for t in self[:3])
 
@@ -66,7 +68,9 @@ def _synthetic_cameras() -> tuple[list[np.ndarray], list[np.ndarray]]:
     of :data:`NUSCENES_CAMERAS`), 1 m from the ego origin, 1.5 m high, optical axis level."""
     k = np.array([[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]])
     # OpenCV camera axes (x right, y down, z forward) -> ego (x forward, y left, z up).
-    ego_from_opencv = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    ego_from_opencv = np.array(
+        [[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
     yaws = np.deg2rad([55.0, 0.0, -55.0, 110.0, 180.0, -110.0])
     poses = [yaw_transform(y, 1.0 * np.cos(y), 1.0 * np.sin(y), 1.5) @ ego_from_opencv for y in yaws]
     return [k] * len(yaws), poses

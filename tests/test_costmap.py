@@ -94,9 +94,11 @@ def test_untraversable_ground_is_occupied_and_ignored_classes():
 def test_unobserved_obstacle_does_not_mark_occupied():
     sem, obs = street_patch()
     obs[1, 1, 3:11] = False  # the wall is labelled but the camera never saw it; its road is seen
-    assert compute_costmap(sem, GRID, CFG, observed=obs).occupancy[1, 1] == 0
-    obs[1, 1, :] = False
-    assert compute_costmap(sem, GRID, CFG, observed=obs).occupancy[1, 1] == -1
+    assert compute_costmap(sem, GRID, CFG, observed=obs).occupancy[1, 1] == -1  # not occupied, never free
+    obs[1, 1, 3:6] = True  # its lower part seen
+    assert compute_costmap(sem, GRID, CFG, observed=obs).occupancy[1, 1] == 100
+    obs[2, 1, 4:] = False  # curb column: band partly unseen, but nothing hides there
+    assert compute_costmap(sem, GRID, CFG, observed=obs).occupancy[1, 2] == 0
 
 
 def test_ground_step_limit_rejects_a_stray_high_ground_voxel():

@@ -24,7 +24,8 @@ Per column (x, y):
    free, occupied (100) when it is an obstacle class (e.g. terrain removed from the traversable
    list, or a barrier in the ground layer), so a robot is never sent over ground it cannot drive.
    Below-band voxels (a curb lower than ``band_min``) and above-band ones (an overhang, a tree
-   canopy) never block. Unknown (-1) otherwise.
+   canopy) never block. Unknown (-1) otherwise, and also where the band holds an obstacle voxel
+   that is labelled but not observed (GT behind an occluder): never free what hides an obstacle.
 5. known: any observed band voxel or an observed support voxel. "Observed" is ``observed``
    (e.g. Occ3D ``mask_camera``) where given -- GT labels -- and every voxel for a model prediction
    without a mask; Occ-ScanNet's 255 voxels are never observed. With ``free_prob`` (per-voxel
@@ -317,9 +318,10 @@ def compute_costmap(
     support_blocked = np.take_along_axis(obstacle, k_support[..., None], axis=2)[..., 0]
     known = (band & obs).any(axis=2) | support_obs
     band_uncertain = (band & uncertain & ~unknown_label).any(axis=2)
+    hidden_obstacle = (band & obstacle & ~obs).any(axis=2)
 
     cells = np.full((nx, ny), UNKNOWN, dtype=np.int8)
-    decided = known & ~band_uncertain
+    decided = known & ~band_uncertain & ~hidden_obstacle
     cells[decided] = np.where(support_blocked[decided], OCCUPIED, FREE)
     cells[occupied] = OCCUPIED
 

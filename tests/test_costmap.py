@@ -292,3 +292,29 @@ def test_cli_occscannet_room(tmp_path):
     assert entry["observed"] == "mask_camera, not 255"
     assert (entry["width"], entry["height"]) == (60, 60) and entry["resolution"] == pytest.approx(0.08)
     assert entry["cells"]["free"] > 0 and entry["cells"]["occupied"] > 0
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+@pytest.mark.parametrize(
+    "folder, expected_ground",
+    [
+        ("occ3d_openocc_occupancy_vis_demo", 0.0),  # road in z-layer 2 (ego z = 0)
+        ("occ3d_cvpr2023_challenge_scene1077_29796060", -0.8),  # early release: road in layer 0
+    ],
+)
+def test_real_occ3d_labels_ground_follows_the_road(folder, expected_ground):
+    from occdistill.geometry.grid import OCC3D_GRID
+
+    files = sorted((REAL / folder).rglob("*.npz")) if (REAL / folder).is_dir() else []
+    files = [f for f in files if f.name in ("labels.npz", "3D_occupancy_data.npz")]
+    if not files:
+        pytest.skip(f"real data folder {REAL / folder} is absent (DESIGN.md section 10: ../shared/realdata)")
+    with np.load(files[0]) as npz:
+        sem, mask = npz["semantics"], npz["mask_camera"]
+    cm = compute_costmap(sem, OCC3D_GRID, CostmapConfig(), observed=mask)
+    assert cm.ground_height == pytest.approx(expected_ground)
+    assert (cm.occupancy[99:101, 99:101] == 0).all()  # the ego stands on free, observed road
+    c = cm.counts()
+    assert c["occupied"] > 500 and c["free"] > 5000 and c["risk_cells"] > 0

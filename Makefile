@@ -7,7 +7,7 @@ DEMO_OUT ?= outputs/demo
 
 .PHONY: install demo test clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: it must come from the CPU wheel, never a resolver's CUDA pick.
 	$(PY) -m pip install --quiet torch==2.13.0

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "viz": ("occdistill.cli.viz", "draw GT voxels over camera images and a BEV label map, per sample"),
     "score": ("occdistill.cli.score", "evaluate saved prediction files against GT files"),
     "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile"),
+    "dump-teacher": ("occdistill.cli.dump_teacher", "run a teacher over a split and write targets + manifest"),
+    "check-dump": ("occdistill.cli.check_dump", "validate a teacher dump against a dataset"),
     "costmap": ("occdistill.cli.costmap", "occupancy -> 2D costmap (map_server PGM+YAML, OccupancyGrid, MCAP) and dynamic risk layer"),
 }
 

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("occdistill.cli.synth", "generate a synthetic dataset in the real on-disk formats"),
     "viz": ("occdistill.cli.viz", "draw GT voxels over camera images and a BEV label map, per sample"),
     "score": ("occdistill.cli.score", "evaluate saved prediction files against GT files"),
+    "train": ("occdistill.cli.train", "train a model from a config (resumable; multi-GPU through torchrun)"),
+    "eval": ("occdistill.cli.eval", "evaluate a checkpoint on a dataset: mIoU, IoU, RayIoU, per class"),
     "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile"),
     "dump-teacher": ("occdistill.cli.dump_teacher", "run a teacher over a split and write targets + manifest"),
     "check-dump": ("occdistill.cli.check_dump", "validate a teacher dump against a dataset"),

@@ -8,7 +8,8 @@ Per optimiser step::
     unscale, clip the global gradient norm
     non-finite loss or gradients -> skip the update, report it, stop after max_bad_steps
     AdamW step, EMA update
-    every log_every steps: JSONL record + curves; every eval_every: evaluate; every ckpt_every: checkpoint
+    every log_every steps: JSONL record; every eval_every: evaluate; every ckpt_every: checkpoint
+    (curves.png is redrawn at evaluations and checkpoints)
 
 Resuming: a checkpoint holds weights, EMA, optimiser, gradient scaler, RNG states and the step.
 The learning rate is a function of the step, the data order a function of (seed, epoch) with the
@@ -190,6 +191,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
                      "scaler": scaler.state_dict(), "rng": rng_state(), "ema_updates": ema.updates if ema else 0}
             save_checkpoint(ckpt_root, step, model=model, ema=ema.module if ema else None, config=cfg,
                             state=state, keep=rt.keep_checkpoints)
+            plot_curves(read_records(history.path), run_dir / "curves.png", title=run_dir.name)
 
     def validate() -> dict[str, Any]:
         eval_model = ema.module if ema is not None else model
@@ -199,7 +201,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
         if ctx.is_main:
             atomic_write_json(run_dir / "eval" / f"step_{step:06d}.json", {"step": step, **report})
             history.write({"type": "eval", "step": step, **{k: report[k] for k in ("mIoU", "IoU", "RayIoU")}})
-            plot_curves(read_records(history.path), run_dir / "curves.png", title=str(run_dir.name))
+            plot_curves(read_records(history.path), run_dir / "curves.png", title=run_dir.name)
         return report
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -274,7 +276,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
                     rate = sums[0] * cfg.data.batch_size * micro / elapsed  # sums[0] = steps x ranks
                     history.write({"type": "train", "step": step, "epoch": epoch, "lr": lr,
                                    "loss": means.pop("total"), **means, "samples_per_s": rate, "elapsed_s": elapsed})
-                    plot_curves(read_records(history.path), run_dir / "curves.png", title=str(run_dir.name))
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             if rt.ckpt_every and step % rt.ckpt_every == 0 and step < total_steps:
                 checkpoint()

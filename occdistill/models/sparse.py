@@ -240,7 +240,7 @@ class SparseOccStudent(nn.Module):
                 num_groups=cfg.num_groups,
                 sampling_points=cfg.sampling_points,
                 mixing_out_points=cfg.mixing_out_points,
-                num_levels=len(self.backbone.out_channels),
+                strides=self.backbone.strides,
                 num_heads=cfg.num_heads,
                 ffn_channels=cfg.ffn_channels,
                 dropout=cfg.dropout,
@@ -349,8 +349,9 @@ def voxelize(
     OPUS ``get_occ``: keep a point when its distance to its query's centre is below
     ``centre_distance_threshold`` and some class probability exceeds ``score_threshold``; drop
     points outside the grid; per voxel, average the probability vectors of its points. With
-    ``closing``, dilate then erode each class channel with a 3x3x3 max filter and keep the original
-    scores where the voxel already had a confident point (fills one-voxel gaps between points).
+    ``closing``, dilate then erode each class channel with a 3x3x3 max filter (space outside the
+    grid counts as empty) and keep the original scores where the voxel already had a confident
+    point (fills one-voxel gaps between points).
     A voxel is occupied when some class probability exceeds the threshold; its label is the
     arg-max channel's class, every other voxel is free.
     """
@@ -373,7 +374,11 @@ def voxelize(
         scores = (sums / counts.clamp(min=1.0)[:, None]).view(nx, ny, nz, num_channels)
         if closing:
             occ = scores.permute(3, 0, 1, 2)[None]  # (1, K, X, Y, Z)
-            closed = -F.max_pool3d(-F.max_pool3d(occ, 3, stride=1, padding=1), 3, stride=1, padding=1)
+            # Pad with empty space: outside the grid counts as free for the erosion (OPUS erodes
+            # against max_pool's implicit padding, which lets shapes creep onto the border layers).
+            padded = F.pad(occ, (1, 1, 1, 1, 1, 1))
+            closed = -F.max_pool3d(-F.max_pool3d(padded, 3, stride=1, padding=1), 3, stride=1, padding=1)
+            closed = closed[..., 1:-1, 1:-1, 1:-1]
             confident = (occ > score_threshold).any(dim=1, keepdim=True)
             scores = torch.where(confident, occ, closed)[0].permute(1, 2, 3, 0)
         occupied = (scores > score_threshold).any(dim=-1)

@@ -74,10 +74,11 @@ def project_points(points: torch.Tensor, img_from_ego: torch.Tensor, image_size:
     return uv, depth, inside
 
 
-def _normalised_grid(uv: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Pixels (..., 2) -> grid_sample coordinates (align_corners=False), clamped far outside so
-    that invalid points (masked later) never produce huge values."""
-    height, width = image_size
+def _normalised_grid(uv: torch.Tensor, extent: tuple[float, float]) -> torch.Tensor:
+    """Pixels (..., 2) -> grid_sample coordinates (align_corners=False) of a map covering
+    ``extent`` = (height, width) pixels, clamped far outside so that invalid points (masked later)
+    never produce huge values."""
+    height, width = extent
     scale = uv.new_tensor([2.0 / width, 2.0 / height])
     return (uv * scale - 1.0).clamp(-2.0, 2.0)
 
@@ -90,19 +91,24 @@ class PointSampler(nn.Module):
     Features of a point are averaged over the cameras it projects into (the count is clamped to 1,
     so a single camera or a point seen by no camera never divides by zero; unseen points read 0).
 
+    Level l has stride s_l: feature cell j covers pixels [j s_l, (j + 1) s_l), so a map of w_l
+    cells spans w_l s_l pixels (more than W when W is not a multiple of s_l) and pixel u reads it
+    at normalised ``2 u / (w_l s_l) - 1``.
+
     Forward: points (B, Q, R, 3) metres, query (B, Q, C), features: L tensors (B, N, C_f, h, w),
     img_from_ego (B, N, 3, 4) -> sampled (B, Q, G, P, C_f / G).
     """
 
-    def __init__(self, embed_dims: int, feat_channels: int, num_groups: int, num_points: int, num_levels: int,
-                 image_size: tuple[int, int]):
+    def __init__(self, embed_dims: int, feat_channels: int, num_groups: int, num_points: int,
+                 strides: Sequence[int], image_size: tuple[int, int]):
         super().__init__()
         if feat_channels % num_groups:
             raise ValueError(f"feature channels {feat_channels} are not divisible by {num_groups} groups")
-        self.num_groups, self.num_points, self.num_levels = num_groups, num_points, num_levels
+        self.num_groups, self.num_points, self.num_levels = num_groups, num_points, len(strides)
+        self.strides = tuple(int(s) for s in strides)
         self.image_size = tuple(image_size)
         self.sampling_offset = nn.Linear(embed_dims, num_groups * num_points * 3)
-        self.level_weights = nn.Linear(embed_dims, num_groups * num_points * num_levels)
+        self.level_weights = nn.Linear(embed_dims, num_groups * num_points * self.num_levels)
         nn.init.zeros_(self.sampling_offset.weight)
         nn.init.uniform_(self.sampling_offset.bias, -0.5, 0.5)
 
@@ -119,13 +125,16 @@ class PointSampler(nn.Module):
         uv, _, inside = project_points(samples.flatten(1, 2), img_from_ego, self.image_size)
         cams = uv.shape[1]
         # (B, N, Q*G*P, 2) -> (B, N, Q, G, P, 2) -> (B, N, G, Q, P, 2) -> (B*N*G, Q, P, 2)
-        grid = _normalised_grid(uv, self.image_size).view(batch, cams, num_q, groups, num_p, 2)
-        grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(batch * cams * groups, num_q, num_p, 2)
+        uv = uv.view(batch, cams, num_q, groups, num_p, 2).permute(0, 1, 3, 2, 4, 5)
+        uv = uv.reshape(batch * cams * groups, num_q, num_p, 2)
+        if len(features) != levels:
+            raise ValueError(f"sampler built for {levels} feature levels, got {len(features)}")
 
         sampled = None
-        for level, feat in enumerate(features):
+        for level, (feat, stride) in enumerate(zip(features, self.strides)):
             _, _, channels, h, w = feat.shape
             cg = channels // groups
+            grid = _normalised_grid(uv, (h * stride, w * stride))
             # (B, N, C, h, w) -> (B*N*G, C/G, h, w): group g reads only its own sampling points.
             x = feat.reshape(batch * cams * groups, cg, h, w)
             out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -234,7 +243,7 @@ class DepthPriorEncoder(nn.Module):
         batch, num_q, num_r = points.shape[:3]
         cams = prior_depth.shape[1]
         uv, depth, inside = project_points(points.flatten(1, 2), img_from_ego, self.image_size)  # (B, N, M, .)
-        grid = _normalised_grid(uv, self.image_size)  # (B, N, M, 2)
+        grid = _normalised_grid(uv, self.image_size)  # (B, N, M, 2), prior maps are full resolution
         prior = F.grid_sample(prior_depth.flatten(0, 1)[:, None], grid.flatten(0, 1)[:, None],
                               mode="nearest", padding_mode="zeros", align_corners=False)
         prior = prior.view(batch, cams, -1)  # (B, N, M)
@@ -267,7 +276,7 @@ class SparseDecoderLayer(nn.Module):
         num_groups: int,
         sampling_points: int,
         mixing_out_points: int,
-        num_levels: int,
+        strides: Sequence[int],
         num_heads: int,
         ffn_channels: int,
         dropout: float,
@@ -289,7 +298,7 @@ class SparseDecoderLayer(nn.Module):
             nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims), nn.ReLU(inplace=True),
         )
         self.depth_prior = DepthPriorEncoder(num_points_in, embed_dims, image_size, depth_scale) if depth_prior else None
-        self.sampling = PointSampler(embed_dims, feat_channels, num_groups, sampling_points, num_levels, image_size)
+        self.sampling = PointSampler(embed_dims, feat_channels, num_groups, sampling_points, strides, image_size)
         self.mixing = AdaptiveMixing(embed_dims, feat_channels // num_groups, num_groups, sampling_points,
                                      mixing_out_points)
         self.self_attn = ScaleAdaptiveSelfAttention(embed_dims, num_heads, dropout)

@@ -214,7 +214,7 @@ def test_overfit_one_room_frame(room_batch):
         opt.zero_grad()
         terms["total"].backward()
         opt.step()
-        history.append({k: float(v) for k, v in terms.items()})
+        history.append({k: float(v.detach()) for k, v in terms.items()})
     first, last = history[0], history[-1]
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
     assert last["total"] < 0.75 * first["total"]

@@ -10,6 +10,12 @@ Free space: the model predicts only occupied classes (K_occ = K - 1 channels: th
 table without its free/empty class). Points exist only where the model believes something is;
 every voxel no confident point lands in is free (``free_index``), as in OPUS.
 
+Depth prior (DiScene†, ``cfg.depth_prior``): the decoder adds an MLP feature of (projected depth,
+prior depth at the projected pixel) to every query. The prior map is an input, (B, N, H, W) metres:
+no pretrained monocular depth network (Depth-Anything-V2, Metric3D) ships with this project or can
+be downloaded here, so the map comes from the dataset (the synthetic world's rendered depth, or
+Occ-ScanNet's sensor depth) or from a separate depth model run beforehand.
+
 Extra query groups (DiScene prior- and anchor-level distillation) are decoded in separate passes
 from the same image features, so they never attend to the main queries and never enter the main
 outputs, the task loss or the voxelisation.

@@ -153,26 +153,37 @@ def _dump_checkpoint(args: argparse.Namespace, shard):
     load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)
     device = resolve_device(args.device, DistContext(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     model.eval().to(device)
+
+    @torch.no_grad()
+    def forward(sample):
+        with autocast(device, cfg.runtime.amp):
+            return forward_batch(model, collate([sample]).to(device))
+
+    # One probe forward tells what the model emits (probabilities, e.g. a Gaussian teacher, or
+    # logits) and the BEV feature's channels, whatever the model kind.
+    probe = forward(dataset[0])
+    probs_out = getattr(probe, "voxel_probs", None) is not None
     bev_channels = None
     if args.bev_feature:
-        bev_channels = getattr(cfg.model.selected, "bev_channels", None)
-        if bev_channels is None:
+        feature = getattr(probe, "bev_feature", None)
+        if feature is None:
             raise OccDistillError(f"{ckpt.path}: model kind {cfg.model.kind!r} has no BEV feature to store")
+        bev_channels = int(feature.shape[1])
     meta = json.loads((ckpt.path / META).read_text())
     teacher = TeacherInfo(
         name=f"{cfg.model.kind} step {ckpt.step} ({'ema' if use_ema else 'model'} weights)",
         checkpoint=str(ckpt.path),
         checkpoint_sha256=meta["sha256"][EMA_WEIGHTS if use_ema else WEIGHTS],
-        value_kind="logit",
+        value_kind="prob" if probs_out else "logit",
     )
 
-    @torch.no_grad()
     def predict(sample):
-        batch = collate([sample]).to(device)
-        with autocast(device, cfg.runtime.amp):
-            out = forward_batch(model, batch)
+        out = forward(sample)
+        voxel = (out.voxel_probs if probs_out else out.voxel_logits)[0].float()
+        if probs_out:  # reduced-precision (amp) probabilities: restore exact sums
+            voxel = voxel.clamp_min(0) / voxel.clamp_min(0).sum(dim=-1, keepdim=True)
         feature = out.bev_feature[0].float() if bev_channels is not None else None
-        return TeacherPrediction(voxel=out.voxel_logits[0].float(), value_kind="logit", bev_feature=feature)
+        return TeacherPrediction(voxel=voxel, value_kind=teacher.value_kind, bev_feature=feature)
 
     options = _options(args, _split_name(args, _stored_split(args)), shard, bev_channels)
     return dump_targets(predict, dataset, args.out, teacher, options)

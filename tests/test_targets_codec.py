@@ -1,0 +1,149 @@
+"""Teacher-target encodings: the compact codec's error bounds, the seed fp16 files, BEV collapse."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from occdistill.errors import DataError
+from occdistill.targets import compact, seed_format
+from occdistill.targets.collapse import collapse_bev, parse_rule, rule_name
+from occdistill.targets.pseudo import label_teacher_probs
+
+REAL_LABELS = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata" / "occ3d_openocc_occupancy_vis_demo" / "3D_occupancy_data.npz"
+
+
+def _peaked(shape, k, free, seed=0, sharp=6.0):
+    """Softmax of random logits with a dominant class per voxel, free dominating most voxels."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, size=(*shape, k))
+    top = np.where(rng.random(shape) < 0.7, free, rng.integers(0, k, size=shape))
+    np.put_along_axis(logits, top[..., None], sharp + rng.normal(0, 2, size=(*shape, 1)), axis=-1)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("tau", [1 / 255, 2 / 255, 4 / 255])
+def test_compact_round_trip_stays_within_its_error_bound(tau):
+    p = _peaked((12, 10, 6), 18, 17)
+    blob = compact.encode_probs(p, free_index=17, tau=tau)
+    dec = compact.decode_probs(blob)
+    assert dec.shape == p.shape and dec.dtype == np.float32
+    err = np.abs(dec - p)
+    # Bound from the module docstring: stored classes 1/255, the uniform remainder tau + 1/510.
+    assert err.max() <= max(1 / 255, tau + 0.5 / 255) + 1e-6, err.max()
+    np.testing.assert_allclose(dec.sum(-1), 1.0, atol=1e-5)
+    assert dec.min() >= 0
+    kl = (p * (np.log(np.maximum(p, 1e-6)) - np.log(np.maximum(dec, 1e-6)))).sum(-1)
+    assert kl.mean() < 0.02
+
+
+def test_compact_is_exact_on_one_hot_and_handles_any_leading_shape_and_free_index():
+    labels = np.random.default_rng(1).integers(0, 12, size=(7, 5))
+    p = np.eye(12, dtype=np.float32)[labels]
+    for free in (0, 11):
+        dec = compact.decode_probs(compact.encode_probs(p, free_index=free))
+        np.testing.assert_array_equal(dec, p)
+    flat = _peaked((50,), 12, 0, seed=3)
+    dec = compact.decode_probs(compact.encode_probs(flat, free_index=0))
+    assert dec.shape == (50, 12) and np.abs(dec - flat).max() < 0.011
+
+
+def test_compact_is_at_least_ten_times_smaller_than_the_seed_format_on_teacher_like_probabilities():
+    if REAL_LABELS.is_file():
+        with np.load(REAL_LABELS) as npz:
+            sem = npz["semantics"][50:150, 50:150].astype(np.int64)  # a 100x100x16 crop of a real frame
+    else:  # a street-like fallback: ground, a few boxes, free above
+        sem = np.full((100, 100, 16), 17)
+        sem[:, :, 2] = 11
+        sem[40:60, 20:30, 3:6] = 4
+    gen = torch.Generator().manual_seed(0)
+    p = label_teacher_probs(torch.from_numpy(sem), 18, 17, generator=gen).numpy()
+    seed_bytes = len(seed_format.encode_fp16_npz(p, "prob"))
+    ref = p.astype(np.float16).astype(np.float32)
+    blob = compact.encode_probs(ref, 17)
+    assert len(blob) * 10 <= seed_bytes, (len(blob), seed_bytes)
+    assert np.abs(compact.decode_probs(blob) - ref).max() <= 2 / 255 + 0.5 / 255 + 1e-6
+
+
+def test_compact_rejects_corrupt_or_foreign_bytes():
+    blob = compact.encode_probs(_peaked((4, 4), 5, 4), free_index=4)
+    with pytest.raises(compact.CodecError, match="bad magic"):
+        compact.decode_probs(b"PK\x03\x04" + blob[4:])
+    with pytest.raises(compact.CodecError, match="corrupt"):
+        compact.decode_probs(blob[:-6])
+    with pytest.raises(compact.CodecError, match="expected codec"):
+        compact.decode_feature(blob)
+    with pytest.raises(ValueError, match="tau"):
+        compact.encode_probs(_peaked((4,), 5, 4), free_index=4, tau=0.3)
+
+
+def test_feature_codec_error_is_at_most_half_a_step_per_channel():
+    rng = np.random.default_rng(2)
+    f = (rng.normal(size=(6, 9, 7)) * np.arange(1, 7)[:, None, None]).astype(np.float32)
+    f[3] = 2.5  # a constant channel is exact
+    dec = compact.decode_feature(compact.encode_feature(f))
+    step = (f.reshape(6, -1).max(1) - f.reshape(6, -1).min(1)) / 255
+    assert np.all(np.abs(dec - f).reshape(6, -1).max(1) <= step / 2 + 1e-5)
+    np.testing.assert_array_equal(dec[3], f[3])
+
+
+def test_seed_fp16_npz_round_trip_names_its_array_and_clips_to_fp16(tmp_path):
+    logits = np.array([[[[1e6, -3.0, 0.5]]]], dtype=np.float32)
+    path = tmp_path / "k_3d_logits_fp16.npz"
+    seed_format.write_fp16_npz(path, logits, seed_format.voxel_array_key("logit"))
+    with np.load(path) as npz:  # what the seed's loader does
+        assert npz.files == ["logits"] and npz["logits"].dtype == np.float16
+    back = seed_format.read_fp16_npz(path, "logits")
+    assert back[0, 0, 0, 0] == np.finfo(np.float16).max and back[0, 0, 0, 1] == -3.0
+    assert seed_format.voxel_array_key("prob") == "prob"
+    with pytest.raises(DataError, match="no array 'prob'"):
+        seed_format.read_fp16_npz(path, "prob")
+    with pytest.raises(DataError, match="not found"):
+        seed_format.read_fp16_npz(tmp_path / "missing.npz", "prob")
+
+
+# ----------------------------------------------------------------------------- BEV collapse
+
+
+def _column() -> np.ndarray:
+    """One column, z=0 bottom .. z=2 top, classes (car, road, free)."""
+    col = np.array([[0.0, 0.8, 0.2], [0.2, 0.3, 0.5], [0.1, 0.0, 0.9]], dtype=np.float64)
+    return col[None, None]  # (1, 1, Z=3, K=3)
+
+
+def test_collapse_matches_hand_computed_top_down_compositing():
+    # a = 1 - p_free = (0.8, 0.5, 0.1) bottom..top; weights from the top: w2 = 0.1,
+    # w1 = 0.5 * 0.9 = 0.45, w0 = 0.8 * 0.9 * 0.5 = 0.36; free = 0.9 * 0.5 * 0.2 = 0.09;
+    # car = 0.1 * 1 + 0.45 * 0.4 = 0.28; road = 0.45 * 0.6 + 0.36 * 1 = 0.63.
+    bev = collapse_bev(_column(), free_index=2)
+    np.testing.assert_allclose(bev[0, 0], [0.28, 0.63, 0.09], atol=1e-12)
+    # Only layers 0..1: free = 0.5 * 0.2 = 0.1, car = 0.5 * 0.4 = 0.2, road = 0.5 * 0.6 + 0.8 * 0.5 = 0.7.
+    np.testing.assert_allclose(collapse_bev(_column(), 2, z_band=(0, 2))[0, 0], [0.2, 0.7, 0.1], atol=1e-12)
+    # Free first (Occ-ScanNet's convention) is the same distribution, permuted.
+    perm = [2, 0, 1]
+    np.testing.assert_allclose(collapse_bev(_column()[..., perm], 0)[0, 0], [0.09, 0.28, 0.63], atol=1e-12)
+
+
+def test_collapse_sums_to_one_keeps_type_and_its_hard_version_is_the_topmost_occupied_label():
+    p = torch.from_numpy(_peaked((2, 5, 4, 8), 6, 5, seed=4))  # (B, X, Y, Z, K)
+    bev = collapse_bev(p, 5)
+    assert isinstance(bev, torch.Tensor) and bev.shape == (2, 5, 4, 6) and bev.dtype == torch.float32
+    torch.testing.assert_close(bev.sum(-1), torch.ones(2, 5, 4), atol=1e-6, rtol=0)
+    labels = np.random.default_rng(5).choice([0, 3, 5, 5, 5], size=(6, 6, 8))
+    hard = collapse_bev(np.eye(6)[labels], 5).argmax(-1)
+    occupied = labels != 5
+    top = 7 - occupied[..., ::-1].argmax(-1)  # highest occupied layer of each column
+    expected = np.where(occupied.any(-1), np.take_along_axis(labels, top[..., None], -1)[..., 0], 5)
+    np.testing.assert_array_equal(hard, expected)
+
+
+def test_bev_rule_strings_round_trip():
+    assert parse_rule(rule_name(None)) is None
+    assert parse_rule(rule_name((1, 8))) == (1, 8)
+    with pytest.raises(ValueError, match="unknown BEV rule"):
+        parse_rule("max")

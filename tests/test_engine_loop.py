@@ -89,7 +89,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(street, tmp_path, m
     # Augmentation, EMA, accumulation and a mid-epoch kill between two checkpoints: 8 frames at
     # batch 1 x 2 micro-batches = 4 steps per epoch, 6 steps, checkpoints at steps 2 and 4.
     args = ["data.batch_size=1", "optim.accum_steps=2", "optim.max_steps=6", "optim.warmup_steps=2",
-            "runtime.deterministic=true", "runtime.ckpt_every=2", "runtime.keep_checkpoints=5",
+            "runtime.deterministic=true", "runtime.threads=1", "runtime.ckpt_every=2", "runtime.keep_checkpoints=5",
             "runtime.ema_decay=0.9", "runtime.ema_ramp_steps=2", "runtime.eval_rayiou=false"]
     full = train(tiny(street, *args), tmp_path / "full")
 

@@ -89,6 +89,9 @@ class LossConfig:
 class RuntimeConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available), cpu, cuda; under torchrun each rank takes its local GPU
+    # CPU intra-op threads; 0 = the cores this process's share leaves after its loader workers (>= 1).
+    # Oversubscribed cores make every op wait at OpenMP barriers (10x slower steps measured).
+    threads: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-repeatable runs and resumes
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision (losses stay float32)
     ema_decay: float = 0.0  # 0 = no EMA; FlashOcc 0.999 with a ramp d * (1 - exp(-n / ramp))
@@ -105,7 +108,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("runtime.ema_decay must be in [0, 1)")
-        for name in ("eval_every", "ckpt_every", "max_bad_steps", "ema_ramp_steps"):
+        for name in ("threads", "eval_every", "ckpt_every", "max_bad_steps", "ema_ramp_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"runtime.{name} must be >= 0")
         if self.keep_checkpoints < 1 or self.log_every < 1:

@@ -8,7 +8,7 @@ loader workers and whether the run was resumed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -81,20 +81,25 @@ def eval_loader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: in
     )
 
 
-def label_counts(dataset: Dataset, camera_mask: bool) -> np.ndarray:
-    """(K,) int64 voxel count per class over a split's labels, inside ``mask_camera`` when
-    ``camera_mask`` (labels only: no images are read). Unknown (255) voxels are not counted."""
-    classes = dataset.classes
-    counts = np.zeros(classes.num_classes, dtype=np.int64)
+def iter_labels(dataset: Dataset) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """(index, semantics (X, Y, Z) int64, mask_camera (X, Y, Z) bool or None) for every sample of a
+    split, without augmentation and without reading any image."""
     for i in range(len(dataset)):
         if isinstance(dataset, Occ3DDataset):
-            occ = load_occ3d_labels(dataset.label_path(dataset.frame(i)), dataset.grid.shape, classes)
-            sem, mask = occ.semantics, occ.mask_camera if camera_mask else None
+            occ = load_occ3d_labels(dataset.label_path(dataset.frame(i)), dataset.grid.shape, dataset.classes)
+            yield i, occ.semantics.astype(np.int64), occ.mask_camera
         else:
             rec = dataset.read_record(i)
-            sem = np.asarray(rec["target_1_4"])
-            mask = np.asarray(rec["mask_camera"]).astype(bool) if camera_mask and "mask_camera" in rec else None
-        values = sem[mask] if mask is not None else sem.reshape(-1)
-        values = values[values < classes.num_classes]
-        counts += np.bincount(values.astype(np.int64), minlength=classes.num_classes)
+            mask = np.asarray(rec["mask_camera"]).astype(bool) if "mask_camera" in rec else None
+            yield i, np.asarray(rec["target_1_4"]).astype(np.int64), mask
+
+
+def label_counts(dataset: Dataset, camera_mask: bool) -> np.ndarray:
+    """(K,) int64 voxel count per class over a split's labels, inside ``mask_camera`` when
+    ``camera_mask``. Unknown (255) voxels are not counted."""
+    num_classes = dataset.classes.num_classes
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for _, sem, mask in iter_labels(dataset):
+        values = sem[mask] if camera_mask and mask is not None else sem.reshape(-1)
+        counts += np.bincount(values[values < num_classes], minlength=num_classes)
     return counts

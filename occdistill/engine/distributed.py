@@ -72,6 +72,16 @@ def resolve_device(device: str, ctx: DistContext) -> torch.device:
         raise ConfigError(f"runtime.device={device!r} is not a torch device ({exc})") from exc
 
 
+def cpu_threads(requested: int, workers: int) -> int:
+    """Intra-op threads for this process: ``requested``, or with 0 the CPUs left per local process
+    once ``workers`` loader processes have one each (at least 1)."""
+    if requested > 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cpus // local_procs - workers)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

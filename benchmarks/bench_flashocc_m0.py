@@ -154,8 +154,8 @@ def main() -> None:
         f"--frames {args.frames} --device {args.device}",
         "published_source": SOURCE,
         "flop_note": "ours: FlopCounterMode (conv/matmul only, 2 per MAC); gmacs = gflops / 2 is comparable to "
-        "mmcv get_flops (MACs, plus BN/ReLU elements); *_flashocc_depth_net swaps our camera-aware depth net for "
-        "FlashOcc's single 1x1 conv",
+        "mmcv get_flops (MACs, plus BN/ReLU elements); *_flashocc_depth_net swaps our depth net (3x3 reduce + "
+        "BasicBlock + 1x1 convs) for FlashOcc's single 1x1 conv",
     }
 
     # 1. Sizes of M0 and M1, FLOPs on the real nuScenes rig (batch 1, 6 cameras, 256x704).

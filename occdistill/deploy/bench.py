@@ -40,7 +40,6 @@ import dataclasses
 import gc
 import os
 import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -462,6 +461,8 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[fl
         del out
         return peak / 1024, ("CPU process peak RSS (VmHWM, reset via clear_refs after malloc_trim) during the "
                              "call minus RSS before it")
+    import resource  # POSIX only, like this fallback
+
     base = _status_kb("VmRSS") or 0
     out = fn()
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

@@ -16,17 +16,25 @@ from occdistill.losses.gaussian import (
     init_depth_target,
     lovasz_softmax,
 )
-from occdistill.models.dense import BackboneConfig, GridConfig
-from occdistill.models.gaussian import GaussianTeacher, GaussianTeacherConfig, knn_indices, ray_geometry
+from occdistill.models.gaussian import (
+    GaussianTeacher,
+    GaussianTeacherConfig,
+    TeacherBackboneConfig,
+    TeacherGridConfig,
+    img_from_ego_matrices,
+    knn_indices,
+    ray_geometry,
+)
 from occdistill.nn.depth_bins import DepthBins
+from occdistill.nn.sparse_decoder import project_points
 
-GRID = GridConfig(range=(-6.4, -6.4, -1.0, 6.4, 6.4, 2.2), voxel_size=(0.8, 0.8, 0.8))
+GRID = TeacherGridConfig(range=(-6.4, -6.4, -1.0, 6.4, 6.4, 2.2), voxel_size=(0.8, 0.8, 0.8))
 
 
 def tiny_config(**overrides) -> GaussianTeacherConfig:
     base = dict(
         image_size=(32, 64),
-        backbone=BackboneConfig(depth=18, base_width=8, out_indices=(1, 2, 3)),
+        backbone=TeacherBackboneConfig(base_width=8),
         neck_channels=16,
         embed_dims=16,
         depth_bins=(1.0, 9.0, 0.5),
@@ -96,6 +104,19 @@ def test_output_contract():
     with torch.no_grad():
         again = model(*inputs())
     assert torch.equal(again.voxel_probs, out.voxel_probs)
+
+
+def test_config_sections_keep_the_teacher_defaults(tmp_path):
+    from occdistill.config import dump_config, load_config
+
+    cfg = load_config(GaussianTeacherConfig, overrides=["backbone.base_width=16", "grid.voxel_size=[0.8, 0.8, 0.8]"])
+    assert (cfg.backbone.depth, cfg.backbone.out_indices, cfg.backbone.base_width) == (18, (1, 2, 3), 16)
+    assert cfg.grid.range == (-20.0, -20.0, -1.0, 20.0, 20.0, 5.4) and cfg.grid.voxel_grid().shape == (50, 50, 8)
+    assert cfg.feature_stride == 8
+    large = GaussianTeacherConfig.large()
+    assert large.grid.voxel_grid().shape == (200, 200, 16) and large.init_gaussians + large.learned_gaussians == 12800
+    (tmp_path / "large.yaml").write_text(dump_config(large))
+    assert load_config(GaussianTeacherConfig, tmp_path / "large.yaml") == large
 
 
 def test_batch_elements_are_independent_and_one_camera_works():
@@ -217,7 +238,7 @@ def test_overfits_one_synthetic_batch(tmp_path):
     ds = Occ3DDataset(world.out, world.splits["train"], image_aug=ImageAugConfig(final_size=(32, 64)))
     batch = collate([ds[0]])
     cfg = tiny_config(num_classes=18, depth_bins=(1.0, 13.0, 0.5), init_gaussians=256, learned_gaussians=64,
-                      grid=GridConfig(range=ds.grid.range, voxel_size=ds.grid.voxel_size))
+                      grid=TeacherGridConfig(range=ds.grid.range, voxel_size=ds.grid.voxel_size))
     torch.manual_seed(0)
     model = GaussianTeacher(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -238,3 +259,46 @@ def test_overfits_one_synthetic_batch(tmp_path):
     assert history[-1]["ce"] < 0.5 * history[0]["ce"], history
     assert history[-1]["init_depth"] < 0.5 * history[0]["init_depth"], history
     assert history[-1]["lovasz"] < history[0]["lovasz"], history
+
+
+def dense_cross_attention_reference(attn, query, g, features, img_from_ego):
+    """Every point sampled in every camera, invalid ones masked out of a per-point camera mean."""
+    batch, num = query.shape[:2]
+    pts, levels, groups = attn.num_points, attn.num_levels, attn.num_groups
+    points = attn.key_points(query, g)
+    uv, _, inside = project_points(points.flatten(1, 2), img_from_ego, attn.image_size)
+    cams = uv.shape[1]
+    height, width = attn.image_size
+    grid = (uv * uv.new_tensor([2.0 / width, 2.0 / height]) - 1.0).reshape(batch * cams, 1, num * pts, 2)
+    vis = inside.float().view(batch, cams, 1, num, pts)
+    count = vis.sum(dim=1)
+    seen = (count > 0).squeeze(1)
+    logits = attn.weights(query).view(batch, num, pts, levels, groups).masked_fill(~seen[..., None, None], -1e4)
+    weights = logits.flatten(2, 3).softmax(dim=2).view(batch, num, pts, levels, groups) * seen[..., None, None]
+    out = 0
+    for level, feat in enumerate(features):
+        channels, h, w = feat.shape[2:]
+        sampled = torch.nn.functional.grid_sample(feat.reshape(batch * cams, channels, h, w), grid, align_corners=False)
+        fused = (sampled.view(batch, cams, channels, num, pts) * vis).sum(1) / count.clamp(min=1.0)  # (B, C, G, P)
+        fused = fused.view(batch, groups, channels // groups, num, pts)
+        out = out + (fused * weights[..., level, :].permute(0, 3, 1, 2)[:, :, None]).sum(-1)
+    return attn.output(out.flatten(1, 2).transpose(1, 2))
+
+
+def test_packed_cross_attention_matches_the_dense_reference():
+    torch.manual_seed(3)
+    model = GaussianTeacher(tiny_config()).eval()
+    block = model.blocks[0]
+    torch.nn.init.normal_(block.cross.weights.weight, std=0.5)  # non-uniform weights over points and levels
+    images, k, aug, pose = inputs(batch=2, cams=3)
+    with torch.no_grad():
+        feats = model.image_features(images)
+        means = torch.rand(2, 40, 3) * torch.tensor([12.8, 12.8, 3.2]) - torch.tensor([6.4, 6.4, 1.0])
+        g, _ = model.initial_gaussians(means, torch.zeros(2, 40, 16))  # + 32 learned anchors
+        x = torch.randn(2, 72, 16)
+        mats = img_from_ego_matrices(k, aug, pose)
+        got = block.cross(x, g, feats, mats)
+        ref = dense_cross_attention_reference(block.cross, x, g, feats, mats)
+        seen = project_points(block.cross.key_points(x, g).flatten(1, 2), mats, (32, 64))[2].any(1)
+    assert 0.1 < seen.float().mean() < 0.9  # some key points are seen, some are not
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -57,14 +57,30 @@ _STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class TeacherBackboneConfig(BackboneConfig):
+    """The dense student's backbone section with the teacher's defaults (a subclass, not a
+    default_factory, so that a partial YAML section keeps them): ResNet-18 at half width, stages
+    2-4 (strides 8/16/32)."""
+
+    depth: int = 18
+    base_width: int = 32
+    out_indices: tuple[int, ...] = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class TeacherGridConfig(GridConfig):
+    """The synthetic street's grid: 100x100x16 at 0.4 m (Occ3D voxel size and heights, 40 m x 40 m)."""
+
+    range: tuple[float, float, float, float, float, float] = (-20.0, -20.0, -1.0, 20.0, 20.0, 5.4)
+
+
+@dataclass(frozen=True)
 class GaussianTeacherConfig:
     """Defaults: a CPU-sized teacher for the synthetic street world (100x100x16 at 0.4 m, six
     176x320 cameras); :meth:`large` is the GPU-sized variant for Occ3D-nuScenes."""
 
     image_size: tuple[int, int] = (176, 320)  # (H, W) network input
-    backbone: BackboneConfig = field(
-        default_factory=lambda: BackboneConfig(depth=18, base_width=32, out_indices=(1, 2, 3))
-    )
+    backbone: TeacherBackboneConfig = field(default_factory=TeacherBackboneConfig)
     neck_channels: int = 64  # every FPN level; the finest level's stride is the ray stride
     embed_dims: int = 64  # Gaussian feature width
     depth_bins: tuple[float, float, float] = (1.0, 29.0, 0.5)  # init distribution (min, max, step) m, + 1 "none" bin
@@ -87,9 +103,7 @@ class GaussianTeacherConfig:
     density_normalised: bool = False  # True: GaussianFormer-2's released mixture weights
     num_classes: int = 18
     free_index: int = -1  # the table's free class (Occ3D 17 = -1; Occ-ScanNet 0)
-    grid: GridConfig = field(
-        default_factory=lambda: GridConfig(range=(-20.0, -20.0, -1.0, 20.0, 20.0, 5.4), voxel_size=(0.4, 0.4, 0.4))
-    )
+    grid: TeacherGridConfig = field(default_factory=TeacherGridConfig)
 
     def __post_init__(self) -> None:
         if self.embed_dims % self.num_heads or self.neck_channels % self.num_groups:
@@ -114,7 +128,7 @@ class GaussianTeacherConfig:
         Prob-128 budget), 4 blocks, checkpointed splat. Untested on CPU beyond construction."""
         base = dict(
             image_size=(256, 704),
-            backbone=BackboneConfig(depth=50, base_width=64, out_indices=(1, 2, 3)),
+            backbone=TeacherBackboneConfig(depth=50, base_width=64),
             neck_channels=128,
             embed_dims=128,
             depth_bins=(1.0, 45.0, 0.5),
@@ -128,7 +142,7 @@ class GaussianTeacherConfig:
             num_heads=8,
             scale_range=(0.08, 1.0),
             splat_checkpoint=True,
-            grid=GridConfig(),
+            grid=TeacherGridConfig(range=(-40.0, -40.0, -1.0, 40.0, 40.0, 5.4)),
         )
         base.update(overrides)
         return cls(**base)
@@ -289,14 +303,23 @@ class ImageCrossAttention(nn.Module):
         batch, num = query.shape[:2]
         pts, levels, groups = self.num_points, self.num_levels, self.num_groups
         points = self.key_points(query, g)
-        uv, _, inside = project_points(points.flatten(1, 2), img_from_ego, self.image_size)  # (B, N, G*P, ...)
-        cams = uv.shape[1]
+        uv, _, inside = project_points(points.flatten(1, 2), img_from_ego, self.image_size)  # (B, N, M = G*P, ...)
+        cams, total = uv.shape[1], num * pts
         height, width = self.image_size
-        grid = (uv * uv.new_tensor([2.0 / width, 2.0 / height]) - 1.0).clamp(-2.0, 2.0)
-        grid = grid.reshape(batch * cams, 1, num * pts, 2)
-        vis = inside.to(query.dtype).view(batch, cams, 1, num, pts)
-        count = vis.sum(dim=1)  # (B, 1, G, P)
-        seen = (count > 0).squeeze(1)  # (B, G, P)
+        grid = uv * uv.new_tensor([2.0 / width, 2.0 / height]) - 1.0  # grid_sample coordinates, align_corners=False
+        # Pack, per camera, only the points it sees (a point is in ~1 of 6 surround cameras): one
+        # grid_sample per level over (B*N, 1, S, 2), S = the most points any camera sees.
+        vis = inside.reshape(batch * cams, total)
+        seen_count = vis.sum(dim=1)
+        slots = max(1, int(seen_count.max()))
+        order = torch.argsort((~vis).to(torch.uint8), dim=1, stable=True)[:, :slots]  # visible points first
+        slot_ok = torch.arange(slots, device=vis.device) < seen_count[:, None]  # (B*N, S)
+        packed = grid.reshape(batch * cams, total, 2).gather(1, order[..., None].expand(-1, -1, 2))
+        packed = torch.where(slot_ok[..., None], packed, torch.full_like(packed, -2.0))[:, None]  # (B*N, 1, S, 2)
+        sample_b = torch.arange(batch, device=vis.device).repeat_interleave(cams)[:, None]
+        rows = (sample_b * total + order)[slot_ok]  # (V,) row b*M + m of every visible (camera, point)
+        count = inside.sum(dim=1).reshape(batch * total, 1).to(query.dtype)  # cameras seeing each point
+        seen = (count > 0).view(batch, num, pts)
         logits = self.weights(query).view(batch, num, pts, levels, groups)
         logits = logits.masked_fill(~seen[..., None, None], -1e4)  # finite: an all-unseen Gaussian stays NaN-free
         weights = logits.flatten(2, 3).softmax(dim=2).view(batch, num, pts, levels, groups)
@@ -304,16 +327,15 @@ class ImageCrossAttention(nn.Module):
         out = None
         for level, feat in enumerate(features):
             channels, h, w = feat.shape[2:]
-            sampled = F.grid_sample(feat.reshape(batch * cams, channels, h, w), grid, mode="bilinear",
-                                    padding_mode="zeros", align_corners=False)  # (B*N, C, 1, G*P)
-            sampled = sampled.view(batch, cams, channels, num, pts)
-            fused = (sampled * vis).sum(dim=1) / count.clamp(min=1.0)  # (B, C, G, P)
-            fused = fused.view(batch, groups, channels // groups, num, pts)
-            lw = weights[..., level, :].permute(0, 3, 1, 2)[:, :, None]  # (B, groups, 1, G, P)
-            part = (fused * lw).sum(dim=-1)  # (B, groups, C/groups, G)
+            sampled = F.grid_sample(feat.reshape(batch * cams, channels, h, w), packed, mode="bilinear",
+                                    padding_mode="zeros", align_corners=False)  # (B*N, C, 1, S)
+            sampled = sampled[:, :, 0].transpose(1, 2)[slot_ok]  # (V, C)
+            # mean over the cameras that see the point; the count is >= 1 wherever a sample landed
+            fused = sampled.new_zeros(batch * total, channels).index_add_(0, rows, sampled) / count.clamp(min=1.0)
+            fused = fused.view(batch, num, pts, groups, channels // groups)
+            part = (fused * weights[..., level, :, None]).sum(dim=2)  # (B, G, groups, C/groups)
             out = part if out is None else out + part
-        out = out.flatten(1, 2).transpose(1, 2)  # (B, G, C_f)
-        return self.output(out)
+        return self.output(out.flatten(2))
 
 
 @torch.no_grad()
@@ -600,6 +622,6 @@ class GaussianTeacher(nn.Module):
 
 
 __all__ = [
-    "GaussianOutput", "GaussianTeacher", "GaussianTeacherConfig", "Gaussians", "InitRays", "img_from_ego_matrices",
-    "knn_indices", "ray_geometry",
+    "GaussianOutput", "GaussianTeacher", "GaussianTeacherConfig", "Gaussians", "InitRays", "TeacherBackboneConfig",
+    "TeacherGridConfig", "img_from_ego_matrices", "knn_indices", "ray_geometry",
 ]

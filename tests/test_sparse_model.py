@@ -17,6 +17,7 @@ from occdistill.models.sparse import (
     SparseOccConfig,
     SparseOccStudent,
     SparseOutput,
+    box_max3d,
     sparse_teacher_config,
     tiny_sparse_config,
     voxelize,
@@ -214,6 +215,13 @@ def test_voxelize_closing_keeps_boxes_and_fills_holes():
     out = _output_from_points(grid.index_to_center(idx[hole]), classes.to_channels(labels[hole]), GRID, classes)
     assert int(voxelize(out, closing=False)[0, 11, 10, 4]) == 0
     assert torch.equal(voxelize(out, closing=True)[0], gt)
+
+
+def test_box_max_equals_max_pool():
+    x = torch.randn(2, 3, 7, 5, 1)
+    torch.testing.assert_close(box_max3d(x), torch.nn.functional.max_pool3d(x, 3, stride=1, padding=1), rtol=0, atol=0)
+    x = torch.randn(1, 4, 6, 9, 4)
+    assert torch.equal(box_max3d(x), torch.nn.functional.max_pool3d(x, 3, stride=1, padding=1))
 
 
 def test_voxelize_filters_and_averages():

@@ -341,6 +341,21 @@ class SparseOccStudent(nn.Module):
                         centre_distance_threshold=self.cfg.centre_distance_threshold, closing=self.cfg.closing)
 
 
+def box_max3d(x: torch.Tensor) -> torch.Tensor:
+    """3x3x3 maximum filter over the last three axes, cells outside ignored: equal to
+    ``F.max_pool3d(x, 3, stride=1, padding=1)`` but as three 1-D passes of shifted maxima
+    (about 20x faster on CPU for an Occ-ScanNet volume of 11 channels)."""
+    for dim in (-3, -2, -1):
+        n = x.shape[dim]
+        if n == 1:
+            continue
+        out = x.clone()
+        out.narrow(dim, 1, n - 1).copy_(torch.maximum(out.narrow(dim, 1, n - 1), x.narrow(dim, 0, n - 1)))
+        out.narrow(dim, 0, n - 1).copy_(torch.maximum(out.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)))
+        x = out
+    return x
+
+
 @torch.no_grad()
 def voxelize(
     output: SparseOutput,
@@ -375,19 +390,24 @@ def voxelize(
         keep = near & inside & (p.amax(dim=-1) > score_threshold)
         flat = (idx[..., 0] * ny + idx[..., 1]) * nz + idx[..., 2]
         flat, p = flat[keep], p[keep]
-        sums = p.new_zeros(nx * ny * nz, num_channels).index_add_(0, flat, p)
+        # Channel-first (K, X*Y*Z): contiguous for the closing filters and the reductions.
+        sums = p.new_zeros(num_channels, nx * ny * nz).index_add_(1, flat, p.T)
         counts = p.new_zeros(nx * ny * nz).index_add_(0, flat, torch.ones_like(flat, dtype=p.dtype))
-        scores = (sums / counts.clamp(min=1.0)[:, None]).view(nx, ny, nz, num_channels)
+        scores = (sums / counts.clamp(min=1.0)).view(num_channels, nx, ny, nz)
         if closing:
-            occ = scores.permute(3, 0, 1, 2)[None]  # (1, K, X, Y, Z)
             # Pad with empty space: outside the grid counts as free for the erosion (OPUS erodes
             # against max_pool's implicit padding, which lets shapes creep onto the border layers).
-            padded = F.pad(occ, (1, 1, 1, 1, 1, 1))
-            closed = -F.max_pool3d(-F.max_pool3d(padded, 3, stride=1, padding=1), 3, stride=1, padding=1)
-            closed = closed[..., 1:-1, 1:-1, 1:-1]
-            confident = (occ > score_threshold).any(dim=1, keepdim=True)
-            scores = torch.where(confident, occ, closed)[0].permute(1, 2, 3, 0)
-        occupied = (scores > score_threshold).any(dim=-1)
-        label = channel_labels[scores.argmax(dim=-1)]
-        labels.append(torch.where(occupied, label, torch.full_like(label, output.classes.free_index)))
+            padded = F.pad(scores, (1, 1, 1, 1, 1, 1))
+            closed = -box_max3d(-box_max3d(padded))[:, 1:-1, 1:-1, 1:-1]
+            confident = (scores > score_threshold).any(dim=0, keepdim=True)
+            scores = torch.where(confident, scores, closed)
+        # Arg-max over channels as a running maximum of contiguous slices (a reduction over the
+        # leading axis is several times slower on CPU); ties keep the first channel, as argmax.
+        best, arg = scores[0], torch.zeros(scores.shape[1:], dtype=torch.long, device=scores.device)
+        for c in range(1, num_channels):
+            better = scores[c] > best
+            best = torch.where(better, scores[c], best)
+            arg = torch.where(better, c, arg)
+        free = torch.full_like(arg, output.classes.free_index)
+        labels.append(torch.where(best > score_threshold, channel_labels[arg], free))
     return torch.stack(labels)

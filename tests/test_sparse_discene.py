@@ -23,8 +23,9 @@ from occdistill.losses.discene import (
     teacher_guided_init,
 )
 from occdistill.losses.sparse import SparseLossConfig, sparse_loss
-from occdistill.models.dense import BackboneConfig, GridConfig
 from occdistill.models.sparse import (
+    SparseBackboneConfig,
+    SparseGridConfig,
     LayerOutput,
     OccClasses,
     SparseOccConfig,
@@ -33,7 +34,7 @@ from occdistill.models.sparse import (
     tiny_sparse_config,
 )
 
-GRID = GridConfig(range=(-1.6, -1.6, 0.0, 1.6, 1.6, 1.6), voxel_size=(0.2, 0.2, 0.2))  # 16 x 16 x 8
+GRID = SparseGridConfig(range=(-1.6, -1.6, 0.0, 1.6, 1.6, 1.6), voxel_size=(0.2, 0.2, 0.2))  # 16 x 16 x 8
 CLASSES = OccClasses(num_classes=5, free_index=0)
 
 
@@ -48,7 +49,7 @@ def _one_thread():
 
 def micro(**overrides) -> SparseOccConfig:
     cfg = tiny_sparse_config(
-        image_size=(48, 64), backbone=BackboneConfig(depth=18, base_width=8, out_indices=(0, 1, 2, 3)),
+        image_size=(48, 64), backbone=SparseBackboneConfig(depth=18, base_width=8),
         neck_channels=32, embed_dims=32, num_queries=12, points_per_layer=(1, 2, 4), sampling_points=2,
         mixing_out_points=4, num_heads=4, ffn_channels=64, grid=GRID, num_classes=5, free_index=0,
     )

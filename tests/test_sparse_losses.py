@@ -11,11 +11,18 @@ import torch.nn.functional as F
 
 import occdistill.losses.sparse as sparse_losses
 from occdistill.data.sample import Batch
-from occdistill.models.dense import BackboneConfig, GridConfig
-from occdistill.models.sparse import LayerOutput, OccClasses, SparseOccStudent, SparseOutput, tiny_sparse_config
+from occdistill.models.sparse import (
+    LayerOutput,
+    OccClasses,
+    SparseBackboneConfig,
+    SparseGridConfig,
+    SparseOccStudent,
+    SparseOutput,
+    tiny_sparse_config,
+)
 from occdistill.losses.sparse import SparseLossConfig, gt_points, nearest_neighbours, sparse_loss
 
-GRID_CFG = GridConfig(range=(-1.6, -1.6, 0.0, 1.6, 1.6, 1.6), voxel_size=(0.2, 0.2, 0.2))  # 16 x 16 x 8
+GRID_CFG = SparseGridConfig(range=(-1.6, -1.6, 0.0, 1.6, 1.6, 1.6), voxel_size=(0.2, 0.2, 0.2))  # 16 x 16 x 8
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +207,7 @@ def test_overfit_one_room_frame(room_batch):
     """A few steps on one synthetic room frame drive the OPUS loss down (points and classes)."""
     torch.manual_seed(0)
     cfg = tiny_sparse_config(
-        image_size=(48, 64), backbone=BackboneConfig(depth=18, base_width=8, out_indices=(0, 1, 2, 3)),
+        image_size=(48, 64), backbone=SparseBackboneConfig(depth=18, base_width=8),
         neck_channels=32, embed_dims=32, num_queries=32, points_per_layer=(1, 4, 8), sampling_points=2,
         mixing_out_points=4, ffn_channels=64, dropout=0.0, depth_prior=True,
     )

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from occdistill.geometry.camera import project
-from occdistill.models.dense import BackboneConfig, GridConfig
 from occdistill.models.sparse import (
+    SparseBackboneConfig,
+    SparseGridConfig,
     ExtraQueries,
     LayerOutput,
     OccClasses,
@@ -24,7 +25,7 @@ from occdistill.models.sparse import (
 )
 from occdistill.nn.sparse_decoder import PointSampler, project_points
 
-GRID = GridConfig(range=(-1.6, -1.6, 0.0, 1.6, 1.6, 1.6), voxel_size=(0.2, 0.2, 0.2))  # 16 x 16 x 8
+GRID = SparseGridConfig(range=(-1.6, -1.6, 0.0, 1.6, 1.6, 1.6), voxel_size=(0.2, 0.2, 0.2))  # 16 x 16 x 8
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +39,7 @@ def _one_thread():
 
 def micro(**overrides) -> SparseOccConfig:
     cfg = tiny_sparse_config(
-        image_size=(48, 64), backbone=BackboneConfig(depth=18, base_width=8, out_indices=(0, 1, 2, 3)),
+        image_size=(48, 64), backbone=SparseBackboneConfig(depth=18, base_width=8),
         neck_channels=32, embed_dims=32, num_queries=16, points_per_layer=(1, 2, 4), sampling_points=2,
         mixing_out_points=4, num_heads=4, ffn_channels=64, grid=GRID, num_classes=5, free_index=0,
     )
@@ -174,7 +175,7 @@ def test_extra_groups_are_decoded_separately():
     assert set(with_extra.extra) == {"same", "other"}
 
 
-def _output_from_points(points: torch.Tensor, channels: torch.Tensor, grid_cfg: GridConfig, classes: OccClasses,
+def _output_from_points(points: torch.Tensor, channels: torch.Tensor, grid_cfg: SparseGridConfig, classes: OccClasses,
                         score: float = 10.0) -> SparseOutput:
     """A fake output with one query per point (R = 1), logit +score on ``channels``, -score elsewhere."""
     logits = torch.full((1, points.shape[0], 1, classes.num_channels), -score)
@@ -273,3 +274,13 @@ def test_teacher_preset_is_larger_with_the_same_decoder():
     default = SparseOccConfig()
     assert default.num_queries == 960 and default.points_per_layer == (1, 2, 4, 8, 16, 16)
     assert default.grid.voxel_grid().shape == (60, 60, 36) and default.num_classes == 12
+
+
+def test_config_loads_from_overrides_keeping_sparse_defaults():
+    from occdistill.config import load_config
+
+    cfg = load_config(SparseOccConfig, overrides=["backbone.depth=18", "grid.voxel_size=[0.16, 0.16, 0.16]",
+                                                  "points_per_layer=[1, 4, 8]"])
+    assert cfg.backbone.out_indices == (0, 1, 2, 3) and cfg.backbone.depth == 18
+    assert cfg.grid.range == (-2.4, -2.4, 0.0, 2.4, 2.4, 2.88) and cfg.grid.voxel_grid().shape == (30, 30, 18)
+    assert cfg.points_per_layer == (1, 4, 8) and cfg.num_layers == 3

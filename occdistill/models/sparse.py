@@ -43,8 +43,25 @@ from occdistill.nn.sparse_decoder import MultiLevelFPN, SparseDecoderLayer
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
-# Occ-ScanNet label grid in the project's ego frame (occdistill.data.occscannet.scannet_grid).
-SCANNET_GRID = GridConfig(range=(-2.4, -2.4, 0.0, 2.4, 2.4, 2.88), voxel_size=(0.08, 0.08, 0.08))
+
+
+# Nested sections get their own classes because the config loader builds a section from its
+# class defaults: ``backbone.depth=18`` must keep four stages, ``grid.voxel_size=...`` the
+# Occ-ScanNet range.
+@dataclass(frozen=True)
+class SparseBackboneConfig(BackboneConfig):
+    """ResNet settings; all four stages by default (the decoder samples four FPN levels)."""
+
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class SparseGridConfig(GridConfig):
+    """Voxel grid; defaults to the Occ-ScanNet label grid in the project's ego frame
+    (``occdistill.data.occscannet.scannet_grid``: 60 x 60 x 36 at 0.08 m, origin at the bottom centre)."""
+
+    range: tuple[float, float, float, float, float, float] = (-2.4, -2.4, 0.0, 2.4, 2.4, 2.88)
+    voxel_size: tuple[float, float, float] = (0.08, 0.08, 0.08)
 
 
 @dataclass(frozen=True)
@@ -55,7 +72,7 @@ class SparseOccConfig:
     """
 
     image_size: tuple[int, int] = (480, 640)  # (H, W) network input
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=50, out_indices=(0, 1, 2, 3)))
+    backbone: SparseBackboneConfig = field(default_factory=SparseBackboneConfig)
     neck_channels: int = 256  # C_f of every FPN level (split into num_groups for sampling)
     num_queries: int = 960
     embed_dims: int = 256
@@ -70,7 +87,7 @@ class SparseOccConfig:
     detach_query_features: bool = False  # DiScene† detaches query features between layers
     depth_prior: bool = False  # DiScene† depth branch: forward needs prior_depth
     depth_prior_scale: float = 10.0  # metres; depth inputs of the branch are divided by it
-    grid: GridConfig = field(default_factory=lambda: SCANNET_GRID)
+    grid: SparseGridConfig = field(default_factory=SparseGridConfig)
     num_classes: int = 12  # the dataset's class table, free class included
     free_index: int = 0  # Occ-ScanNet empty = 0; Occ3D free = 17
     score_threshold: float = 0.5  # inference: a point/voxel counts when some class prob exceeds this
@@ -122,7 +139,7 @@ def tiny_sparse_config(**overrides) -> SparseOccConfig:
     1, 2, 4, 8 points per query (512 points)."""
     cfg = SparseOccConfig(
         image_size=(96, 128),
-        backbone=BackboneConfig(depth=18, base_width=16, out_indices=(0, 1, 2, 3)),
+        backbone=SparseBackboneConfig(depth=18, base_width=16),
         neck_channels=64,
         num_queries=64,
         embed_dims=64,

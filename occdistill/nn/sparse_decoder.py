@@ -66,10 +66,13 @@ def project_points(points: torch.Tensor, img_from_ego: torch.Tensor, image_size:
     mask (depth > 1 mm and 0 <= u < W, 0 <= v < H) tells them apart.
     """
     height, width = image_size
-    homo = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (B, M, 4)
-    cam = torch.einsum("bnij,bmj->bnmi", img_from_ego, homo)  # (B, N, M, 3) = (u z, v z, z)
-    depth = cam[..., 2]
-    uv = cam[..., :2] / depth.clamp(min=_MIN_DEPTH)[..., None]
+    # Pixel coordinates in half precision would be off by pixels: project in float32 always.
+    with torch.autocast(points.device.type, enabled=False):
+        points = points.float()
+        homo = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (B, M, 4)
+        cam = torch.einsum("bnij,bmj->bnmi", img_from_ego.float(), homo)  # (B, N, M, 3) = (u z, v z, z)
+        depth = cam[..., 2]
+        uv = cam[..., :2] / depth.clamp(min=_MIN_DEPTH)[..., None]
     inside = (depth > _MIN_DEPTH) & (uv[..., 0] >= 0) & (uv[..., 0] < width) & (uv[..., 1] >= 0) & (uv[..., 1] < height)
     return uv, depth, inside
 

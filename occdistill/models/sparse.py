@@ -44,7 +44,6 @@ _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
-
 # Nested sections get their own classes because the config loader builds a section from its
 # class defaults: ``backbone.depth=18`` must keep four stages, ``grid.voxel_size=...`` the
 # Occ-ScanNet range.
@@ -339,7 +338,8 @@ class SparseOccStudent(nn.Module):
         elif prior_depth is None:
             raise ValueError("this model has a depth-prior branch (cfg.depth_prior): pass prior_depth (B, N, H, W)")
         elif tuple(prior_depth.shape) != (batch, images.shape[1], *self.cfg.image_size):
-            raise ValueError(f"prior_depth is {tuple(prior_depth.shape)}, expected {(batch, images.shape[1], *self.cfg.image_size)}")
+            expected = (batch, images.shape[1], *self.cfg.image_size)
+            raise ValueError(f"prior_depth is {tuple(prior_depth.shape)}, expected {expected}")
         init = self.initial_points(batch)
         layers = self.decode(init, feats, proj, prior_depth)
         extra = {}

@@ -83,7 +83,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"config key {where!r}: unsupported annotation {tp!r}")  # our bug, not the user's
 
 
-def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+def _from_dict(cls: type[T], data: dict, prefix: str = "", base: T | None = None) -> T:
+    """Build ``cls`` from ``data``; keys absent from ``data`` keep ``base``'s values if given."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -91,13 +92,26 @@ def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             raise ConfigError(f"unknown config key {where!r}{_suggest(str(key), list(fields))}")
-        kwargs[key] = _coerce(value, hints[key], where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # A partial section overlays the parent's value for it, which may differ from the
+            # section class's own defaults (e.g. a preset's backbone).
+            parent = getattr(base, key) if base is not None else _field_default(fields[key])
+            kwargs[key] = _from_dict(tp, value, where, parent if dataclasses.is_dataclass(parent) else None)
+        else:
+            kwargs[key] = _coerce(value, tp, where)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except TypeError as exc:  # a required field without a value
         raise ConfigError(f"config {prefix or cls.__name__}: {exc}") from exc
     except ValueError as exc:  # __post_init__ validation
         raise ConfigError(f"config {prefix or cls.__name__}: {exc}") from exc
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict:

@@ -88,3 +88,19 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text()) == to_dict(cfg)
     assert load_config(Root, path) == cfg
     assert "lr: 0.25" in dump_config(cfg)
+
+
+@dataclass(frozen=True)
+class Preset:
+    # The parent's default for the section differs from Optim's own defaults.
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5, schedule="constant"))
+
+
+def test_partial_section_overlays_the_parent_default(tmp_path):
+    cfg = load_config(Preset, None, ["optim.betas=[0.1, 0.2]"])
+    assert cfg.optim == Optim(lr=0.5, betas=(0.1, 0.2), schedule="constant")
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.25\n")
+    assert load_config(Preset, p).optim == Optim(lr=0.25, schedule="constant")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        load_config(Preset, p, ["optim.lrr=1"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +77,15 @@ def test_compact_rejects_corrupt_or_foreign_bytes():
         compact.decode_probs(blob[:-6])
     with pytest.raises(compact.CodecError, match="expected codec"):
         compact.decode_feature(blob)
+    blob_parts = compact.unpack(blob)
+    header = dict(blob_parts.header, background_free=1.5)
+    with pytest.raises(compact.CodecError, match="background 1.5"):
+        compact.decode_probs(compact.pack(header, blob_parts.payload))
+    payload = bytearray(blob_parts.payload)
+    e = blob_parts.header["entries"]
+    payload[-e:] = b"\xff" * e  # every stored probability 1: voxels with two entries hold mass 2
+    with pytest.raises(compact.CodecError, match="stored mass"):
+        compact.decode_probs(compact.pack(blob_parts.header, bytes(payload)))
     with pytest.raises(ValueError, match="tau"):
         compact.encode_probs(_peaked((4,), 5, 4), free_index=4, tau=0.3)
 

@@ -1,21 +1,30 @@
 """The compact teacher-target codecs (format spec: docs/teacher_targets.md).
 
-Teacher probabilities are peaked and most voxels are confidently free, so per voxel we keep only
-the smallest set of classes that covers ``1 - tau`` of its mass, each as a class id and an 8-bit
-probability, and spread what is left uniformly over the other classes. Voxels whose covering set
-is the free class alone ("trivial", most of a street scene) store nothing: they decode to the
-file's background distribution, the mean of the trivial voxels. The planes are then zlib'd.
+``topset-u8`` (class probabilities, (..., K)). Teacher probabilities are peaked and most voxels of a
+street scene are confidently free, so:
 
-Error bounds (per class, absolute): trivial voxels <= tau (all of them lie within tau of the
-background); stored classes <= 1/255 (cumulative rounding keeps the stored sum within 1/510 of the
-true one); other classes <= tau + 1/510. Every decoded distribution sums to 1 up to float32 rounding.
+- background voxels (free probability >= 1 - tau) store nothing: a bitmask marks the others, and
+  background voxels decode to one shared distribution, free = the mean free probability of the
+  background voxels, the rest spread uniformly over the other classes;
+- every other voxel stores the classes whose probability is >= tau (at least its top class, since
+  tau <= 1/K), as uint8 class ids and uint8 probabilities in 255ths; the remaining mass is spread
+  uniformly over the classes not stored.
 
-``topset-u8`` layout after the header (see :func:`encode_probs`): counts (N uint8, 0 = trivial,
-N = number of distributions), ids (E uint8), q (E uint8 = round-to-cumulative 255ths), with
-E = sum(counts); entries in C order of the distributions, by decreasing probability within one.
+Error bounds (per class, absolute, against the encoded input): background voxels <= tau; stored
+classes <= 1/255 (cumulative rounding keeps each stored prefix sum within 1/510, so the stored
+total never exceeds 1); classes not stored <= tau + 1/510 (true values lie in [0, tau), the decoded
+value is their mean up to the 1/510 rounding of the remainder). Overall <= max(1/255, tau + 1/510).
+Every decoded distribution is finite, non-negative and sums to 1 up to float32 rounding; the
+decoder rejects files that would break this.
 
-``affine-u8`` stores a float tensor (C, ...) as uint8 with a per-channel offset and step (the
-optional teacher BEV feature): error <= step / 2 = (max - min) / 510 per channel.
+Payload (before zlib): stored-voxel bitmask (ceil(N/8) bytes, ``np.packbits``, N = number of
+distributions) | counts (M uint8, classes stored per stored voxel) | ids (E uint8) | q (E uint8),
+E = sum(counts), entries in C order of the voxels and ascending class id within a voxel. The
+header (JSON) holds codec, shape, free index, tau, M, E and the background free probability.
+
+``affine-u8`` (a float tensor (C, ...), the optional teacher BEV feature): uint8 with a per-channel
+offset and step, error <= step / 2 = (max - min) / 510 per channel. Payload: offsets (C float32) |
+steps (C float32) | values (uint8).
 
 Container (both codecs): ``MAGIC`` (8 bytes) | header length (uint32 little-endian) | header
 (UTF-8 JSON) | zlib-compressed payload. Decoding is vectorised numpy: no Python loop per voxel.
@@ -35,7 +44,7 @@ MAGIC = b"OCDTGT01"
 PROBS_CODEC = "topset-u8"
 FEATURE_CODEC = "affine-u8"
 DEFAULT_TAU = 2.0 / 255.0
-DEFAULT_LEVEL = 6  # zlib: level 9 is ~2% smaller here and several times slower to write
+DEFAULT_LEVEL = 6  # zlib; level 9 saved only 2-4% on teacher-like targets
 
 
 class CodecError(ValueError):
@@ -85,7 +94,8 @@ def read_header(data: bytes) -> dict[str, Any]:
 def encode_probs(probs: np.ndarray, free_index: int, tau: float = DEFAULT_TAU, level: int = DEFAULT_LEVEL) -> bytes:
     """(..., K) probabilities (each row sums to 1) -> ``topset-u8`` bytes.
 
-    ``tau``: classes below it are not stored; it bounds the error of the uniform remainder.
+    ``tau``: classes below it are not stored, voxels free within it are background; it sets the
+    error bound (module docstring).
     """
     probs = np.asarray(probs, dtype=np.float32)
     shape, k = probs.shape, probs.shape[-1]
@@ -98,8 +108,9 @@ def encode_probs(probs: np.ndarray, free_index: int, tau: float = DEFAULT_TAU, l
         raise ValueError(f"tau must be in (0, 1/K = {1.0 / k:.4f}], got {tau}")
     p = probs.reshape(-1, k)
     n = p.shape[0]
-    # Background voxels: free up to the 8-bit resolution (the bulk of a street scene).
-    trivial = p[:, free_index] >= 1.0 - 0.5 / 255.0
+    # Background voxels (the bulk of a street scene): free within tau. They decode to one shared
+    # distribution (mean free probability, the rest uniform), which is within tau of each of them.
+    trivial = p[:, free_index] >= 1.0 - tau
     free_bg = float(p[trivial, free_index].astype(np.float64).mean()) if trivial.any() else 1.0
     rows = np.flatnonzero(~trivial)
     sub = p[rows]  # (M, K)
@@ -143,8 +154,12 @@ def decode_probs(data: bytes) -> np.ndarray:
         raise CodecError(f"corrupt {PROBS_CODEC} payload: mask and counts do not match {m} rows, {e} entries")
     q = qs.astype(np.float32) * np.float32(1.0 / 255.0)
     mass = np.add.reduceat(q, np.cumsum(c) - c) if e else np.zeros(0, np.float32)  # stored mass per row
-    # Every row is "uniform remainder + stored entries"; background rows store one entry (free).
     free_bg = np.float32(h["background_free"])
+    # With these checks every decoded row is finite, non-negative and sums to 1 by construction.
+    if not (0 <= free < k and 0.0 <= free_bg <= 1.0) or (m and float(mass.max()) > 1.0 + 1e-6):
+        raise CodecError(f"corrupt {PROBS_CODEC} target: free index {free}, background {free_bg}, "
+                         f"stored mass up to {float(mass.max()) if m else 0:.4f}")
+    # Every row is "uniform remainder + stored entries"; background rows store one entry (free).
     rest = np.full(n, (1.0 - free_bg) / (k - 1), dtype=np.float32)
     rest[rows] = np.maximum(1.0 - mass, 0.0) / np.maximum(k - c, 1)
     out = np.empty((n, k), dtype=np.float32)
@@ -183,5 +198,7 @@ def decode_feature(data: bytes) -> np.ndarray:
         raise CodecError(f"corrupt {FEATURE_CODEC} payload: {len(blob.payload)} bytes for shape {shape}")
     lo = np.frombuffer(blob.payload, dtype=np.float32, count=c)
     step = np.frombuffer(blob.payload, dtype=np.float32, count=c, offset=4 * c)
+    if not (np.isfinite(lo).all() and np.isfinite(step).all()):
+        raise CodecError(f"corrupt {FEATURE_CODEC} target: non-finite channel offsets or steps")
     u = np.frombuffer(blob.payload, dtype=np.uint8, offset=8 * c).reshape(c, n)
     return (lo[:, None] + step[:, None] * u).astype(np.float32).reshape(shape)

@@ -50,9 +50,8 @@ from occdistill.targets.manifest import (
     SampleEntry,
     TeacherInfo,
 )
-from occdistill.targets.pairing import check_key, dataset_gt_sha256, gt_sha256, sample_keys
+from occdistill.targets.pairing import check_key, dataset_gt_sha256, sample_keys
 
-Format = Literal["compact", "seed"]
 FORMATS: tuple[str, ...] = ("compact", "seed")
 PROB_SUM_TOLERANCE = 1e-3  # float32 teacher probabilities: sums within this of 1
 

@@ -29,7 +29,7 @@ from occdistill.data.sample import Batch, Sample, collate
 from occdistill.errors import DataError
 from occdistill.geometry.grid import VoxelGrid
 from occdistill.geometry.transforms import transform_points
-from occdistill.targets import compact
+from occdistill.targets import compact, seed_format
 from occdistill.targets.check import check_array, read_artefact
 from occdistill.targets.collapse import collapse_bev, parse_rule
 from occdistill.targets.manifest import BEV, BEV_FEATURE, BEV_FP16, VOXEL, VOXEL_FP16, Manifest
@@ -128,7 +128,10 @@ class TeacherTargets:
             arr = read_artefact(path, art)
         except (DataError, compact.CodecError, OSError) as exc:
             raise DataError(f"{where}: {exc}") from exc
-        problems = check_array(arr, art, name, entry.key)
+        # The compact decoder guarantees finite, normalised values (it rejects corrupt files);
+        # fp16 files are checked here (check-dump checks everything).
+        problems = check_array(arr, art, name, entry.key) if art.encoding == seed_format.ENCODING else (
+            [] if arr.shape == art.shape else check_array(arr, art, name, entry.key))
         if problems:
             raise DataError(f"{where}: {problems[0].kind}: {problems[0].message}")
         if art.value == "logit":

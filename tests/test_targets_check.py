@@ -84,14 +84,16 @@ def test_wrong_shape_nan_and_probabilities_not_summing_to_one(copy):
     out, manifest, dataset = copy
     entries = manifest["samples"]
     rewrite_fp16(out / entries[0]["files"]["voxel_fp16"], lambda a: a[:, :, :4])
-    rewrite_fp16(out / entries[1]["files"]["voxel_fp16"], lambda a: np.where(np.arange(a.size).reshape(a.shape) == 40, np.nan, a))
+    rewrite_fp16(out / entries[1]["files"]["voxel_fp16"],
+                 lambda a: np.where(np.arange(a.size).reshape(a.shape) == 40, np.nan, a))
     rewrite_fp16(out / entries[2]["files"]["bev_fp16"], lambda a: a * 0.9)
     problems = {p.key: p for p in check_dump(out, dataset)}
     assert len(problems) == 3
     shape, nan, norm = (problems[e["key"]] for e in entries)
     assert shape.kind == "shape" and shape.message == "voxel_fp16: shape [24, 24, 4, 18], expected [24, 24, 8, 18]"
     assert nan.kind == "nonfinite" and nan.message == "voxel_fp16: 1 NaN/inf values (first at (0, 0, 2, 4))"
-    assert norm.kind == "not_normalized" and re.match(r"bev_fp16: probabilities sum to 0\.(89|90)\d+ at \(\d+, \d+\)", norm.message)
+    assert norm.kind == "not_normalized"
+    assert re.match(r"bev_fp16: probabilities sum to 0\.(89|90)\d+ at \(\d+, \d+\)", norm.message)
     assert "576 cells beyond the tolerance 0.002" in norm.message  # every BEV cell of 24x24
 
 

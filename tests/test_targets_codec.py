@@ -13,7 +13,8 @@ from occdistill.targets import compact, seed_format
 from occdistill.targets.collapse import collapse_bev, parse_rule, rule_name
 from occdistill.targets.pseudo import label_teacher_probs
 
-REAL_LABELS = Path(__file__).resolve().parents[1] / ".." / "shared" / "realdata" / "occ3d_openocc_occupancy_vis_demo" / "3D_occupancy_data.npz"
+REAL_LABELS = (Path(__file__).resolve().parents[2] / "shared" / "realdata" / "occ3d_openocc_occupancy_vis_demo"
+               / "3D_occupancy_data.npz")
 
 
 def _peaked(shape, k, free, seed=0, sharp=6.0):

@@ -196,6 +196,7 @@ def test_manifest_round_trips_and_rejects_malformed_content(dataset, tmp_path):
         (lambda o: o["classes"].update(free_index=18), "free_index 18 outside"),
         (lambda o: o["artefacts"]["voxel"].update(shape=[24, 24, 8, 17]), "does not match the grid and classes"),
         (lambda o: o["artefacts"]["voxel"].update(encoding="png"), "unknown encoding 'png'"),
+        (lambda o: o["artefacts"]["voxel"].pop("tau"), "need their tau"),
         (lambda o: o["artefacts"]["voxel"].update(path="../{key}.occt"), "must be relative"),
         (lambda o: o.update(bev_rule="max"), "unknown BEV rule"),
         (lambda o: o["samples"].append(dict(o["samples"][0])), "appears twice"),

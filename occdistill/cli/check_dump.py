@@ -29,10 +29,11 @@ def open_eval_dataset(fmt: str, data: Path, infos: Path | None):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dump", type=Path, help="dump directory (holds manifest_<split>.json)")
-    parser.add_argument("--format", choices=("occ3d", "occscannet"), default="occ3d", help="dataset format (default occ3d)")
+    parser.add_argument("--format", choices=("occ3d", "occscannet"), default="occ3d",
+                        help="dataset format (default occ3d)")
     parser.add_argument("--data", required=True, type=Path, help="dataset root")
-    parser.add_argument("--infos", type=Path,
-                        help="occ3d: the info pickle of the split (required); occscannet: a split list (default: all frames)")
+    parser.add_argument("--infos", type=Path, help="occ3d: the info pickle of the split (required); "
+                                                   "occscannet: a split list (default: all frames)")
     parser.add_argument("--split", help="split name of the manifest (default: the directory's only one)")
     parser.add_argument("--json", type=Path, help="also write the problems to this JSON file")
     parser.add_argument("--workers", type=int, default=0, help="processes checking samples in parallel (default 0)")

@@ -113,8 +113,12 @@ def build_header(dataset, teacher: TeacherInfo, options: DumpOptions) -> Manifes
     split = options.split
     arts: dict[str, Artefact] = {}
     if "compact" in options.formats:
-        arts[VOXEL] = Artefact("compact/{split}/{key}_3d_prob.occt", compact.PROBS_CODEC, "prob", (x, y, z, k))
-        arts[BEV] = Artefact("compact/{split}/{key}_bev_prob.occt", compact.PROBS_CODEC, "prob", (x, y, k))
+        tau = float(options.tau)
+        if not 0 < tau <= 1.0 / k:
+            raise OccDistillError(f"tau {tau} must be in (0, 1/K = {1.0 / k:.4f}] for {k} classes")
+        codec = compact.PROBS_CODEC
+        arts[VOXEL] = Artefact("compact/{split}/{key}_3d_prob.occt", codec, "prob", (x, y, z, k), tau=tau)
+        arts[BEV] = Artefact("compact/{split}/{key}_bev_prob.occt", codec, "prob", (x, y, k), tau=tau)
     if "seed" in options.formats:
         arts[VOXEL_FP16] = Artefact(seed_format.VOXEL_TEMPLATE, seed_format.ENCODING, teacher.value_kind,
                                     (x, y, z, k), seed_format.voxel_array_key(teacher.value_kind))
@@ -178,11 +182,9 @@ def check_prediction(pred: TeacherPrediction, header: Manifest, key: str) -> Non
 class DumpWriter:
     """Writes the samples of one dump directory and split, and its manifest once complete."""
 
-    def __init__(self, out_dir: str | Path, header: Manifest, tau: float, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str | Path, header: Manifest, overwrite: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.header = header.header()
-        self.tau = tau
-        self.overwrite = overwrite
         self.parts = self.out_dir / ".parts" / header.split
         self.digest = _header_digest(self.header)
         stored = self.parts / "header.json"
@@ -231,9 +233,9 @@ class DumpWriter:
         for name, art in h.artefacts.items():
             rel = art.file(h.split, key)
             if name == VOXEL:
-                data = compact.encode_probs(probs_np, h.classes.free_index, self.tau)
+                data = compact.encode_probs(probs_np, h.classes.free_index, art.tau)
             elif name == BEV:
-                data = compact.encode_probs(bev, h.classes.free_index, self.tau)
+                data = compact.encode_probs(bev, h.classes.free_index, art.tau)
             elif name == VOXEL_FP16:
                 data = seed_format.encode_fp16_npz(voxel.cpu().numpy(), art.array_key)
             elif name == BEV_FP16:
@@ -291,7 +293,7 @@ def run_dump(
     called with the payload under the sample's seed.
     """
     header = build_header(dataset, teacher, options)
-    writer = DumpWriter(out_dir, header, options.tau, options.overwrite)
+    writer = DumpWriter(out_dir, header, options.overwrite)
     keys = sample_keys(dataset)
     indices = list(range(len(keys))) if indices is None else list(indices)
     i, n = options.shard

@@ -92,13 +92,15 @@ class ClassSpec:
 @dataclass(frozen=True)
 class Artefact:
     """One kind of file per sample. ``path``: template with ``{split}`` and ``{key}``;
-    ``value``: what the file stores (``prob``, ``logit`` or ``feature``)."""
+    ``value``: what the file stores (``prob``, ``logit`` or ``feature``); ``array_key``: the
+    array's name in npz files; ``tau``: the error bound parameter of ``topset-u8`` files."""
 
     path: str
     encoding: str
     value: Literal["prob", "logit", "feature"]
     shape: tuple[int, ...]
     array_key: str | None = None
+    tau: float | None = None
 
     def file(self, split: str, key: str) -> str:
         return self.path.format(split=split, key=key)
@@ -195,10 +197,8 @@ def _field(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
 
 def _numbers(d: dict, key: str, n: int, where: str, integer: bool = False) -> tuple:
     values = _field(d, key, list, where)
-    ok = len(values) == n and all(
-        isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float)) and not isinstance(v, bool)
-        for v in values
-    )
+    kinds = int if integer else (int, float)
+    ok = len(values) == n and all(isinstance(v, kinds) and not isinstance(v, bool) for v in values)
     if not ok:
         raise DataError(f"{where}: field {key!r} must be {n} {'integers' if integer else 'numbers'}, got {values!r}")
     return tuple(int(v) for v in values) if integer else tuple(float(v) for v in values)
@@ -254,6 +254,7 @@ def _parse(obj: Any, where: str) -> Manifest:
             value=_field(a, "value", str, w),
             shape=_numbers(a, "shape", len(_field(a, "shape", list, w)), w, integer=True),
             array_key=a.get("array_key"),
+            tau=a.get("tau"),
         )
         if art.encoding not in ENCODINGS:
             raise DataError(f"{w}: unknown encoding {art.encoding!r} (known: {sorted(ENCODINGS)})")
@@ -267,6 +268,8 @@ def _parse(obj: Any, where: str) -> Manifest:
             raise DataError(f"{w}: shape {list(art.shape)} is not (C, {grid.shape[0]}, {grid.shape[1]})")
         if art.encoding == seed_format.ENCODING and not art.array_key:
             raise DataError(f"{w}: npz artefacts need an array_key")
+        if art.encoding == compact.PROBS_CODEC and not (isinstance(art.tau, float) and 0 < art.tau < 0.5):
+            raise DataError(f"{w}: {compact.PROBS_CODEC} artefacts need their tau (0 < tau < 0.5)")
         artefacts[name] = art
     if not artefacts:
         raise DataError(f"{where}: no artefacts")

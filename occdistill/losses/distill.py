@@ -11,10 +11,11 @@ Conventions shared by every function here:
 
 - Teacher values are detached inside the function: gradients reach only the student (and the
   adapter). A teacher side is either ``"logit"`` (dense teacher) or ``"prob"`` (Gaussian teacher,
-  offline dumps); probabilities enter as ``log(p + eps)`` with ``eps = PROB_EPS = 1e-8``: far
-  below anything a dump resolves (compact codec steps of 1/255, fp16 normal minimum 6e-5), so it
-  only guards log(0); summed over the 640k voxels of an Occ3D grid it is a mass of 6e-3, which
-  cannot swamp a class's spatial distribution.
+  offline dumps); probabilities enter as ``log(p + eps)`` with ``eps = PROB_EPS = 1e-8`` (a log
+  floor of -18.4). It guards log(0) and is far below what a compact dump resolves (1/255 steps);
+  summed over the 640k voxels of an Occ3D grid it is a mass of 6e-3, which cannot swamp a class's
+  spatial distribution in CWD. A logit teacher and its softmax as a probability teacher therefore
+  agree except where p < 1e-8, where both give the student no target mass.
 - Computed with autocast disabled, fp16/bf16 inputs cast up to float32 (float64 is kept, for
   gradcheck).
 - An empty mask gives an exact 0 that is still attached to the student's graph (never NaN), so

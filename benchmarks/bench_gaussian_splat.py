@@ -67,7 +67,8 @@ def bench_splat(counts, chunks, repeats: int) -> list[dict]:
     rows = []
     for num in counts:
         inputs = gaussians(num)
-        variants = [(c, False, False) for c in chunks] + [(c, True, False) for c in chunks] + [(c, True, True) for c in chunks]
+        modes = ((False, False), (True, False), (True, True))  # (grad, checkpoint)
+        variants = [(c, grad, ckpt) for grad, ckpt in modes for c in chunks]
         times = {v: [] for v in variants}
         pairs = 0
         for rep in range(repeats + 1):
@@ -99,7 +100,8 @@ def bench_teacher(repeats: int) -> dict:
     for n in range(6):
         yaw = 2 * math.pi * n / 6
         pose = torch.eye(4)
-        pose[:3, :3] = torch.tensor([[math.sin(yaw), 0, math.cos(yaw)], [-math.cos(yaw), 0, math.sin(yaw)], [0, -1.0, 0]])
+        c, s = math.cos(yaw), math.sin(yaw)
+        pose[:3, :3] = torch.tensor([[s, 0, c], [-c, 0, s], [0, -1.0, 0]])  # OpenCV axes, looking along yaw
         pose[2, 3] = 1.5
         poses.append(pose)
     ego_from_cam = torch.stack(poses)[None]

@@ -143,7 +143,8 @@ def test_free_first_table_order():
     assert out.free_index == 0
 
 
-def fake_batch(out, labels, mask=None):
+def fake_batch(labels, mask=None):
+    """The two Batch fields the loss reads."""
     from types import SimpleNamespace
 
     return SimpleNamespace(semantics=labels, mask_camera=mask)
@@ -156,10 +157,12 @@ def test_every_parameter_gets_a_gradient():
     gen = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 5, out.voxel_probs.shape[:-1], generator=gen)
     labels[:, :, :, 2:] = 4  # free above the ground layers, so that rays have a first hit
-    terms = gaussian_teacher_loss(out, fake_batch(out, labels), GaussianLossConfig(camera_mask=False, lovasz_weight=0.0))
+    loss_cfg = GaussianLossConfig(camera_mask=False, lovasz_weight=0.0)
+    terms = gaussian_teacher_loss(out, fake_batch(labels), loss_cfg)
     assert set(terms) == {"ce", "init_depth", "total"}
     terms["total"].backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, missing
 
 

@@ -206,7 +206,9 @@ def _grid_bounds(grid: VoxelGrid, like: torch.Tensor) -> tuple[torch.Tensor, tor
             torch.as_tensor(grid.upper, dtype=like.dtype, device=like.device))
 
 
-def img_from_ego_matrices(intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> torch.Tensor:
+def img_from_ego_matrices(
+    intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor
+) -> torch.Tensor:
     """(B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) -> (B, N, 3, 4) mapping homogeneous ego points to
     (u z, v z, z) in network pixels; composed in float64 (calibration precision), returned float32."""
     k_aug = img_from_raw.double() @ intrinsics.double()
@@ -362,7 +364,9 @@ class KNNSelfEncoding(nn.Module):
         super().__init__()
         self.k, self.num_heads, self.position_scale = k, num_heads, position_scale
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
-        self.position = nn.Sequential(nn.Linear(3, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
+        self.position = nn.Sequential(
+            nn.Linear(3, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims)
+        )
         self.output = nn.Linear(embed_dims, embed_dims)
 
     def forward(self, x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -432,7 +436,8 @@ class GaussianRefineBlock(nn.Module):
         self.cross = ImageCrossAttention(e, cfg.neck_channels, num_levels, cfg.num_groups, cfg.learned_points,
                                          cfg.image_size)
         self.self_enc = KNNSelfEncoding(e, cfg.num_heads, cfg.knn)
-        self.ffn = nn.Sequential(nn.Linear(e, cfg.ffn_ratio * e), nn.ReLU(inplace=True), nn.Linear(cfg.ffn_ratio * e, e))
+        hidden = cfg.ffn_ratio * e
+        self.ffn = nn.Sequential(nn.Linear(e, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, e))
         self.norms = nn.ModuleList(nn.LayerNorm(e) for _ in range(3))
         self.refine = GaussianRefine(e, cfg.num_classes - 1, cfg.scale_range, cfg.max_step, grid)
 
@@ -482,7 +487,8 @@ class DistributionLifter(nn.Module):
         batch, cams, _, h, w = probs.shape
         num_bins = self.bins.num_bins
         # (B, N, D, h, w, 3) candidate points; flat candidate index = ((n * D + d) * h + i) * w + j
-        points = rays.origins[:, :, None, None, None] + self.centers.view(1, 1, -1, 1, 1, 1) * rays.directions[:, :, None]
+        depth = self.centers.view(1, 1, -1, 1, 1, 1)
+        points = rays.origins[:, :, None, None, None] + depth * rays.directions[:, :, None]
         points = points.reshape(batch, -1, 3)
         score = probs[:, :, :num_bins].reshape(batch, -1).float()
         total = score.shape[1]

@@ -193,3 +193,14 @@ def test_two_gloo_processes_hold_identical_weights_after_training(street, tmp_pa
     assert [r["step"] for r in records] == [1, 2]
     assert weights_digest(load_file(run / "checkpoints" / "step_000002" / "model.safetensors")) == hashes[0]
     assert json.loads((run / "metrics.json").read_text())["metrics"]["num_samples"] == 4
+
+
+def test_mixed_precision_with_the_gradient_scaler_trains(street, tmp_path):
+    # fp16 autocast + GradScaler (CPU autocast here; the same code path runs on CUDA). Early
+    # steps may overflow: the scaler skips them, which is not a bad step.
+    result = train(tiny(street, "optim.max_steps=2", "data.batch_size=1", "data.val_split=", "runtime.amp=fp16"),
+                   tmp_path / "amp")
+    assert result.step == 2 and result.bad_steps == 0
+    records = [r for r in read_records(tmp_path / "amp" / "log.jsonl") if r["type"] == "train"]
+    assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in result.model.parameters())

@@ -56,9 +56,11 @@ def test_ema_ramps_its_decay_and_averages_parameters_and_buffers():
 def test_class_weights():
     counts = np.array([100, 10_000, 0, 1_000_000])
     assert class_weights(counts, "none") is None
-    inv_sqrt = class_weights(counts, "inverse_sqrt")
+    inv_sqrt = class_weights(counts, "inverse_frequency", 0.5)
     assert inv_sqrt[2] == 0 and inv_sqrt[0] > inv_sqrt[1] > inv_sqrt[3]
     assert inv_sqrt[[0, 1, 3]].mean().item() == pytest.approx(1.0)
+    assert (inv_sqrt[0] / inv_sqrt[3]).item() == pytest.approx(100.0)  # sqrt of the count ratio
+    assert torch.equal(class_weights(counts, "inverse_frequency", 0.0), torch.tensor([1.0, 1.0, 0.0, 1.0]))
     inv_log = class_weights(counts, "inverse_log")  # FlashOcc class_balance
     assert inv_log[3].item() == pytest.approx(1 / math.log(1_000_000.001), rel=1e-6)
     assert torch.isfinite(inv_log).all() and inv_log[2] == inv_log.max()

@@ -74,15 +74,18 @@ class OptimConfig:
 @dataclass(frozen=True)
 class LossConfig:
     camera_mask: bool = True  # CE over camera-visible voxels only (FlashOcc); False: every voxel
-    # Per-class CE weights: "none"; "inverse_log" = FlashOcc's class_balance, 1 / log(count + 0.001);
-    # "inverse_sqrt" = 1 / sqrt(frequency), normalised to mean 1 over the classes present. Counts
-    # are taken over the training labels (inside the camera mask when it is on).
-    class_weights: Literal["none", "inverse_log", "inverse_sqrt"] = "none"
+    # Per-class CE weights from the training labels' class counts (inside the camera mask when it
+    # is on): "none"; "inverse_log" = FlashOcc's class_balance, 1 / log(count + 0.001);
+    # "inverse_frequency" = frequency ** -class_weight_exponent, mean 1 over the classes present.
+    # Weights move the arg-max towards rare classes by their ratio: strong weights trade geometry
+    # IoU (free predicted as objects) for recall of rare classes.
+    class_weights: Literal["none", "inverse_log", "inverse_frequency"] = "none"
+    class_weight_exponent: float = 0.5
     depth_weight: float = 0.0  # BEVDepth BCE on the depth bins; needs data.depth != none
 
     def __post_init__(self) -> None:
-        if self.depth_weight < 0:
-            raise ValueError("loss.depth_weight must be >= 0")
+        if self.depth_weight < 0 or self.class_weight_exponent < 0:
+            raise ValueError("loss.depth_weight and loss.class_weight_exponent must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from occdistill.io import atomic_write_bytes, atomic_write_text
 
 EVAL_CURVES = ("mIoU", "IoU", "RayIoU")
-_NOT_LOSSES = {"type", "step", "epoch", "lr", "grad_norm", "samples_per_s", "elapsed_s"}
+_NOT_LOSSES = {"type", "step", "epoch", "lr", "grad_norm", "samples_per_s", "step_seconds"}
 
 
 class History:

@@ -40,7 +40,14 @@ from tqdm import tqdm
 
 from occdistill.config import save_config, to_dict
 from occdistill.data.build import Dataset
-from occdistill.engine.checkpoint import load_checkpoint, load_weights, restore_rng_state, rng_state, save_checkpoint
+from occdistill.engine.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from occdistill.engine.config import TrainConfig
 from occdistill.engine.data import label_counts, open_split, train_loader
 from occdistill.engine.distributed import (
@@ -127,6 +134,45 @@ def _check_fits(cfg: TrainConfig, model: nn.Module, dataset: Dataset) -> None:
         raise ConfigError(f"model image_size {cfg.model.selected.image_size} != data.image_aug.final_size {cfg.data.image_aug.final_size}")
 
 
+def _restore(ckpt: Checkpoint, model: nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler) -> tuple[int, int]:
+    """Load a checkpoint's training state; returns (step, bad steps so far)."""
+    load_weights(model, ckpt.weights, ckpt.path)
+    if ema is not None:
+        load_weights(ema.module, ckpt.ema_weights, ckpt.path)
+        ema.updates = ckpt.state["ema_updates"]
+    optimizer.load_state_dict(ckpt.state["optimizer"])
+    scaler.load_state_dict(ckpt.state["scaler"])
+    restore_rng_state(ckpt.state["rng"])
+    return ckpt.step, ckpt.state["bad_steps"]
+
+
+class _LossWindow:
+    """Loss terms and step times summed between two log records (good steps only)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, terms: dict[str, float], seconds: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.seconds += seconds
+
+    def record(self, ctx: DistContext, device: torch.device, samples_per_step: int) -> dict[str, float] | None:
+        """Means over this window and every rank (a collective: all ranks call it), then reset."""
+        packed = torch.tensor([self.steps, self.seconds, *self.sums.values()], dtype=torch.float64, device=device)
+        steps, seconds, *sums = all_reduce_sum(packed, ctx).tolist()  # x ranks
+        names = list(self.sums)
+        self.__init__()
+        if steps == 0:
+            return None
+        means = {k: v / steps for k, v in zip(names, sums)}
+        return {"loss": means.pop("total"), **means, "samples_per_s": steps * samples_per_step / (seconds / ctx.world_size),
+                "step_seconds": seconds / steps}
+
+
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> TrainResult:
     rt, opt = cfg.runtime, cfg.optim
     device = resolve_device(rt.device, ctx)
@@ -156,7 +202,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     scaler = grad_scaler(device, rt.amp)
     weights = None
     if cfg.loss.class_weights != "none":
-        weights = class_weights(label_counts(train_set, cfg.loss.camera_mask), cfg.loss.class_weights).to(device)
+        counts = label_counts(train_set, cfg.loss.camera_mask)
+        weights = class_weights(counts, cfg.loss.class_weights, cfg.loss.class_weight_exponent).to(device)
     depth_bins = model.view_transform.depth_bins if cfg.loss.depth_weight > 0 else None
 
     sampler = ResumableSampler(train_set, ctx, rt.seed)
@@ -170,16 +217,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     total_steps = opt.max_steps or opt.epochs * steps_per_epoch
     schedule = LRSchedule(opt.lr, total_steps, opt.warmup_steps, opt.warmup_ratio, opt.schedule, opt.min_lr_ratio)
 
-    step, bad_steps = 0, 0
-    if ckpt is not None:
-        load_weights(model, ckpt.weights, ckpt.path)
-        if ema is not None:
-            load_weights(ema.module, ckpt.ema_weights, ckpt.path)
-            ema.updates = ckpt.state["ema_updates"]
-        optimizer.load_state_dict(ckpt.state["optimizer"])
-        scaler.load_state_dict(ckpt.state["scaler"])
-        restore_rng_state(ckpt.state["rng"])
-        step, bad_steps = ckpt.step, ckpt.state["bad_steps"]
+    step, bad_steps = (0, 0) if ckpt is None else _restore(ckpt, model, ema, optimizer, scaler)
 
     history = None
     if ctx.is_main:
@@ -212,9 +250,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     # --- the loop ---------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=not (rt.progress and ctx.is_main))
-    window: dict[str, float] = {}  # loss sums since the last log record
-    window_steps, window_start = 0, time.perf_counter()
-    train_seconds = 0.0
+    window = _LossWindow()
+    train_seconds = 0.0  # time in training steps (evaluation and checkpoints excluded)
     report = None
     while step < total_steps:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -246,9 +283,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
             # scaler, means the step is bad. All ranks decide together.
             names = [*terms, "grad_norm"]
             values = torch.stack([*terms.values(), grad_norm.detach().float()]).tolist()
-            loss_ok = all(math.isfinite(v) for v in values[:-1])
-            bad = not loss_ok or (not math.isfinite(values[-1]) and not scaler.is_enabled())
-            if bool(all_reduce_max(torch.tensor([int(bad)], device=device), ctx)):
+            loss_ok, grads_ok = all(math.isfinite(v) for v in values[:-1]), math.isfinite(values[-1])
+            bad = not loss_ok or (not grads_ok and not scaler.is_enabled())
+            bad = bool(all_reduce_max(torch.tensor([int(bad)], device=device), ctx))
+            if bad:
                 bad_steps += 1
                 culprits = [k for k, v in zip(names, values) if not math.isfinite(v)] or ["values on another rank"]
                 message = f"step {step}: non-finite {', '.join(culprits)}; update skipped ({bad_steps} so far)"
@@ -260,28 +298,23 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
                         f"training stopped at step {step}: {bad_steps} non-finite steps (runtime.max_bad_steps={rt.max_bad_steps})"
                     )
             else:
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # fp16 with overflowing gradients: skipped by the scaler
                 if ema is not None:
                     ema.update(model)
-                for k, v in zip(names, values):
-                    window[k] = window.get(k, 0.0) + v
-                window_steps += 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            train_seconds += time.perf_counter() - step_start
+            seconds = time.perf_counter() - step_start
+            train_seconds += seconds
+            if not bad and grads_ok:
+                window.add(dict(zip(names, values)), seconds)
             bar.update(1)
             bar.set_postfix({**{k: f"{v:.3g}" for k, v in zip(names[:-1], values)}, "lr": f"{lr:.2e}"}, refresh=False)
 
             if step % rt.log_every == 0 or step == total_steps:
-                sums = all_reduce_sum(torch.tensor([window_steps, *window.values()], dtype=torch.float64, device=device), ctx).tolist()
-                elapsed = time.perf_counter() - window_start
-                if ctx.is_main and sums[0] > 0:
-                    means = {k: s / sums[0] for k, s in zip(window, sums[1:])}
-                    rate = sums[0] * cfg.data.batch_size * micro / elapsed  # sums[0] = steps x ranks
-                    history.write({"type": "train", "step": step, "epoch": epoch, "lr": lr,
-                                   "loss": means.pop("total"), **means, "samples_per_s": rate, "elapsed_s": elapsed})
-                window, window_steps, window_start = {}, 0, time.perf_counter()
+                means = window.record(ctx, device, cfg.data.batch_size * micro)
+                if ctx.is_main and means is not None:
+                    history.write({"type": "train", "step": step, "epoch": epoch, "lr": lr, **means})
             if rt.ckpt_every and step % rt.ckpt_every == 0 and step < total_steps:
                 checkpoint()
             if val_set is not None and rt.eval_every and step % rt.eval_every == 0 and step < total_steps:

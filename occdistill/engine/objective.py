@@ -30,23 +30,22 @@ def predict_labels(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1).to(torch.uint8)
 
 
-def class_weights(counts: np.ndarray, mode: str) -> torch.Tensor | None:
+def class_weights(counts: np.ndarray, mode: str, exponent: float = 0.5) -> torch.Tensor | None:
     """Per-class CE weights (K,) from training-label counts, or None for ``mode == "none"``.
 
     ``inverse_log``: FlashOcc's ``class_balance``, ``1 / log(count + 0.001)``, with counts below e
-    raised to e so that the log stays positive. ``inverse_sqrt``: ``1 / sqrt(frequency)``, scaled so the
-    classes present average 1 (absent classes get 0: they have no voxels to weight anyway).
+    raised to e so that the log stays positive. ``inverse_frequency``: ``frequency ** -exponent``,
+    scaled so the classes present average 1 (absent classes get 0: they have no voxels anyway).
     """
     if mode == "none":
         return None
     counts = np.asarray(counts, dtype=np.float64)
-    present = counts > 0
     if mode == "inverse_log":
-        w = 1.0 / np.log(np.maximum(counts, math.e) + 0.001)
-        return torch.tensor(w, dtype=torch.float32)
-    if mode == "inverse_sqrt":
+        return torch.tensor(1.0 / np.log(np.maximum(counts, math.e) + 0.001), dtype=torch.float32)
+    if mode == "inverse_frequency":
+        present = counts > 0
         w = np.zeros_like(counts)
-        w[present] = 1.0 / np.sqrt(counts[present] / counts.sum())
+        w[present] = (counts[present] / counts.sum()) ** -exponent
         w[present] /= w[present].mean()
         return torch.tensor(w, dtype=torch.float32)
     raise ValueError(f"unknown class weighting {mode!r}")

@@ -718,8 +718,466 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# side by side: eager PyTorch, torch.compile, onnxruntime FP32 / FP16 / INT8
+
+ENGINES = ("eager", "compile", "ort-fp32", "ort-fp16", "ort-int8")
+VARIANTS = ENGINES  # a variant is ENGINE or ENGINE@THREADS, e.g. "eager@1"
+DEFAULT_VARIANTS = ("eager", "compile", "ort-fp32", "ort-fp16", "ort-int8")
+ORT_PRECISION = {"ort-fp32": "fp32", "ort-fp16": "fp16", "ort-int8": "int8"}
+# (library, n, intra-op threads: 0 = the bench's count); numpy uses its BLAS's own thread count.
+MATMUL_CONFIGS = (("torch", 2048, 0), ("torch", 4096, 0), ("torch", 2048, 1), ("torch", 4096, 1), ("numpy", 2048, 0))
+SIDE_BY_SIDE_MEMORY_KIND = (
+    "peak RSS increase (VmHWM after clear_refs) while building the engine from scratch (eager: copy of the "
+    "weights; compile: copy + compilation; onnxruntime: session from the file) and running one inference"
+)
+OMP_NOTE = (
+    "OMP_WAIT_POLICY={}: torch's OpenMP threads busy-wait between parallel regions by default; on an "
+    "oversubscribed machine a 2-thread eager forward then took 10-40x longer in our runs (PASSIVE fixes it; "
+    "`occdistill bench --variants` sets it when unset)"
+)
+
+
+def parse_variant(spec: str, default_threads: int) -> tuple[str, int]:
+    """``"eager@1"`` -> ("eager", 1); ``"ort-int8"`` -> ("ort-int8", default_threads)."""
+    name, _, threads = spec.strip().partition("@")
+    if name not in ENGINES:
+        raise OccDistillError(f"unknown variant {spec!r}; choose from {', '.join(ENGINES)} (optionally @THREADS)")
+    if not threads:
+        return name, default_threads
+    if not threads.isdigit() or int(threads) < 1:
+        raise OccDistillError(f"variant {spec!r}: threads after '@' must be a positive integer")
+    return name, int(threads)
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One engine of the side-by-side benchmark; times in ms over the timed rounds.
+
+    engine-only: the prepared graph input (uint8 images) -> uint8 labels; end-to-end: camera files
+    -> decode + resize/crop (+ float conversion for a float32 graph) -> engine -> labels.
+    Speed-ups are over the baseline, the fastest eager variant (by engine median).
+    ``label_agreement_vs_eager``: share of voxels whose label equals eager's on the same input.
+    ``achieved_gflops_*`` = model FLOPs / median latency; ``roofline_*`` = that over the measured
+    dense matmul throughput (:class:`MatmulPeak`).
+    """
+
+    name: str
+    engine: str
+    threads: int
+    ok: bool
+    error: str | None = None
+    description: str = ""
+    setup_seconds: float | None = None
+    engine_median_ms: float | None = None
+    engine_p90_ms: float | None = None
+    engine_min_ms: float | None = None
+    end_to_end_median_ms: float | None = None
+    end_to_end_p90_ms: float | None = None
+    end_to_end_min_ms: float | None = None
+    preprocess_median_ms: float | None = None
+    peak_memory_mb: float | None = None
+    engine_speedup_vs_eager: float | None = None
+    end_to_end_speedup_vs_eager: float | None = None
+    label_agreement_vs_eager: float | None = None
+    achieved_gflops_engine: float | None = None
+    achieved_gflops_end_to_end: float | None = None
+    roofline_engine: float | None = None
+    roofline_end_to_end: float | None = None
+
+
+@dataclass(frozen=True)
+class MatmulPeak:
+    """Dense float32 matrix-multiply throughput of this machine, timed in the same rounds as the
+    engines: GFLOP/s (2 n^3 / t) medians per (library, n, threads); ``gflops`` is the best of them,
+    the conservative (largest) denominator of the roofline fractions."""
+
+    gflops: float
+    best: str
+    medians: dict[str, float]
+    threads: int
+
+
+@dataclass(frozen=True)
+class SideBySideResult:
+    """``occdistill bench --variants``: :meth:`to_dict` is the JSON. ``baseline``: the eager
+    variant the speed-ups are relative to."""
+
+    model: str
+    rig_hash: str
+    rig_source: str
+    camera_names: tuple[str, ...]
+    image_size: tuple[int, int]
+    batch: int
+    input_format: str
+    threads: int
+    repeats: int
+    warmup: int
+    flops: int
+    gflops: float
+    matmul: MatmulPeak
+    baseline: str
+    variants: tuple[VariantResult, ...]
+    end_to_end_source: str | None
+    peak_memory_kind: str
+    machine: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+    def variant(self, name: str) -> VariantResult:
+        return next(v for v in self.variants if v.name == name)
+
+    def best(self, engine: str) -> VariantResult | None:
+        """The fastest successful variant of ``engine`` (by engine median), if any."""
+        rows = [v for v in self.variants if v.engine == engine and v.ok]
+        return min(rows, key=lambda v: v.engine_median_ms) if rows else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Engine:
+    description: str
+    run: Callable[[np.ndarray], np.ndarray]  # graph input -> labels (B, X, Y, Z) uint8
+    setup_seconds: float
+    build: Callable[[], Callable[[np.ndarray], np.ndarray]]  # from scratch, for the memory probe
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _torch_engine(engine: str, model: DenseStudent, rig: Rig, batch: int, input_format: str, threads: int,
+                  example: np.ndarray, compile_mode: str | None) -> _Engine:
+    """Eager or torch.compile (Inductor C++ kernels, weight freezing; the first call compiles and
+    counts as setup) of the exported module, on ``threads`` intra-op threads."""
+    import copy
+
+    from occdistill.deploy.export import ExportWrapper
+
+    def build(m: DenseStudent | None = None) -> Callable[[np.ndarray], np.ndarray]:
+        torch.set_num_threads(threads)
+        wrapper = ExportWrapper(m if m is not None else copy.deepcopy(model), rig, batch=batch,
+                                input_format=input_format).eval()
+        fn = wrapper if engine == "eager" else torch.compile(wrapper, mode=compile_mode, dynamic=False)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                return fn(torch.from_numpy(x))[1].numpy()
+        if engine == "compile":
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                run(example)
+        return run
+
+    t = time.perf_counter()
+    run = build(model)
+    what = ("PyTorch eager" if engine == "eager" else
+            f"torch.compile (inductor, freezing, mode={compile_mode or 'default'})")
+    return _Engine(f"{what}, exported module (fixed-rig pooling), {threads} threads", run,
+                   time.perf_counter() - t, build)
+
+
+def _ort_engine(engine: str, path: Path, threads: int) -> _Engine:
+    from occdistill.deploy.export import OnnxOccModel
+
+    def build() -> Callable[[np.ndarray], np.ndarray]:
+        # No busy-waiting: spinning pool threads would take the cores from the engine timed next.
+        m = OnnxOccModel(path, threads=threads, spin=False)
+        return lambda x: m.run(x, ["labels"])["labels"]
+
+    t = time.perf_counter()
+    run = build()
+    return _Engine(f"onnxruntime {ORT_PRECISION[engine].upper()} CPU ({path.name}), {threads} intra-op threads",
+                   run, time.perf_counter() - t, build)
+
+
+def _time_matmul(lib: str, n: int, cache: dict, threads: int) -> float:
+    """Seconds of one n x n float32 matmul (operands cached across rounds)."""
+    key = (lib, n)
+    if key not in cache:
+        gen = np.random.default_rng(n)
+        a, b = gen.standard_normal((n, n), dtype=np.float32), gen.standard_normal((n, n), dtype=np.float32)
+        cache[key] = (torch.from_numpy(a), torch.from_numpy(b)) if lib == "torch" else (a, b)
+    a, b = cache[key]
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    if lib == "torch":
+        torch.mm(a, b)
+    else:
+        np.matmul(a, b)
+    return time.perf_counter() - t
+
+
+def count_export_flops(model: DenseStudent, rig: Rig, batch: int = 1) -> int:
+    """FLOPs (FlopCounterMode: conv/matmul-type ops, 2 per multiply-add) of one forward of the
+    exported module (fixed rig: the pooling is gathers and a cumsum and counts zero)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from occdistill.deploy.export import ExportWrapper
+
+    wrapper = ExportWrapper(model, rig, batch=batch, input_format="float32").eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        wrapper(wrapper.example_input())
+    return int(counter.get_total_flops())
+
+
+def side_by_side(
+    model: DenseStudent,
+    rig: Rig,
+    *,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    onnx_paths: dict[str, str | Path] | None = None,
+    dataset: Any = None,
+    image_aug: Any = None,
+    input_format: str = "uint8",
+    batch: int = 1,
+    threads: int | None = None,
+    repeats: int = 20,
+    warmup: int = 3,
+    compile_mode: str | None = None,
+    measure_memory: bool = True,
+    model_name: str = "dense",
+    progress: bool = False,
+) -> SideBySideResult:
+    """Time ``variants`` (``ENGINE`` or ``ENGINE@THREADS``) on the same inputs in interleaved
+    rounds (the order rotates every round, so all share the background load of a shared machine),
+    plus one dense matmul per round for the roofline.
+
+    ``onnx_paths``: precision ("fp32", "fp16", "int8") -> exported file with ``rig`` baked in
+    (:func:`occdistill.deploy.export.export_onnx`; checked by rig hash, input format and batch).
+    ``dataset`` (eval mode, the rig's cameras) + ``image_aug`` (its ImageAugConfig): end-to-end from
+    the camera files and engine input from its first frame; otherwise engine-only on random images.
+    A variant that fails (torch.compile without a compiler, a missing file) is reported, not raised;
+    at least one eager variant must run (it is the reference and the baseline).
+    """
+    from occdistill.deploy.export import FramePreprocessor, frame_image_paths, read_metadata, rig_hash
+
+    if repeats < 1 or warmup < 0:
+        raise OccDistillError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if input_format not in ("uint8", "float32"):
+        raise OccDistillError(f"input format {input_format!r} is not uint8 or float32")
+    threads = int(threads or torch.get_num_threads())
+    specs = [parse_variant(v, threads) for v in variants]
+    names = [f"{e}@{t}" for e, t in specs]
+    if not specs or len(set(names)) != len(names):
+        raise OccDistillError(f"give distinct variants, got {list(variants)}")
+    if not any(e == "eager" for e, _ in specs):
+        raise OccDistillError("the side-by-side needs an eager variant (the reference and the baseline)")
+    model.eval()
+    machine = machine_info(torch.device("cpu"))
+    machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    image_size = tuple(model.cfg.image_size)
+    expected_hash = rig_hash(rig, image_size)
+    onnx_paths = {k: Path(v) for k, v in (onnx_paths or {}).items()}
+    notes: list[str] = [FLOP_COUNT_NOTE, OMP_NOTE.format(os.environ.get("OMP_WAIT_POLICY", "<unset>")),
+                        "eager and torch.compile run the exported module (fixed-rig pooling, argmax to uint8) on "
+                        "the same uint8 input as onnxruntime; onnxruntime sessions do not spin between runs"]
+
+    # inputs
+    pre = FramePreprocessor(image_aug) if (dataset is not None and image_aug is not None) else None
+    frames: list[list[Path]] = []
+    if pre is not None:
+        if tuple(dataset.camera_names) != tuple(rig.camera_names):
+            raise OccDistillError(f"dataset cameras {list(dataset.camera_names)} differ from the rig's "
+                                  f"{list(rig.camera_names)}")
+        frames = [frame_image_paths(dataset, i) for i in range(len(dataset))]
+
+    def prepare(k: int) -> np.ndarray:
+        """Frames k*B .. k*B+B-1 (cycled) -> graph input: decode + resize/crop (+ float conversion)."""
+        x = np.stack([pre.load(frames[(k * batch + i) % len(frames)]) for i in range(batch)])  # (B, N, H, W, 3)
+        if input_format == "float32":
+            x = np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3), dtype=np.float32) / np.float32(255.0)
+        return x
+
+    if frames:
+        engine_input = prepare(0)
+    else:
+        gen = np.random.default_rng(0)
+        engine_input = gen.integers(0, 256, (batch, rig.intrinsics.shape[0], *image_size, 3), dtype=np.uint8)
+        if input_format == "float32":
+            engine_input = np.ascontiguousarray(engine_input.transpose(0, 1, 4, 2, 3), np.float32) / np.float32(255.0)
+        notes.append("engine input: random images (no dataset)")
+
+    # engines
+    engines: dict[str, _Engine] = {}
+    failures: dict[str, str] = {}
+    for (engine, n_threads), name in zip(specs, names):
+        try:
+            if engine in ("eager", "compile"):
+                engines[name] = _torch_engine(engine, model, rig, batch, input_format, n_threads, engine_input,
+                                              compile_mode)
+                continue
+            path = onnx_paths.get(ORT_PRECISION[engine])
+            if path is None:
+                raise OccDistillError(f"no {ORT_PRECISION[engine]} ONNX file given")
+            meta = read_metadata(path)
+            if (meta["rig_hash"], meta["input_format"], int(meta["batch"])) != (expected_hash, input_format, batch):
+                raise OccDistillError(
+                    f"{path} was exported for rig {meta['rig_hash']}, {meta['input_format']} input, batch "
+                    f"{meta['batch']}; this bench runs rig {expected_hash}, {input_format}, batch {batch}")
+            engines[name] = _ort_engine(engine, path, n_threads)
+        except Exception as exc:  # report, do not crash: compile in particular fails in many ways
+            failures[name] = _one_line(exc)
+
+    # agreement with eager on the engine input
+    eager_names = [n for (e, _), n in zip(specs, names) if e == "eager" and n in engines]
+    if not eager_names:
+        raise OccDistillError(f"the eager reference failed: {failures}")
+    ref = engines[eager_names[0]].run(engine_input)
+    agreement = {}
+    for name, eng in list(engines.items()):
+        try:
+            agreement[name] = float((eng.run(engine_input) == ref).mean())
+        except Exception as exc:
+            failures[name] = _one_line(exc)
+            engines.pop(name)
+
+    # interleaved rounds
+    eng_t: dict[str, list[float]] = {n: [] for n in engines}
+    e2e_t: dict[str, list[float]] = {n: [] for n in engines}
+    pre_t: list[float] = []
+    mm_keys = [(lib, n, t or threads, f"{lib} {n}" + (f"@{t or threads}" if lib == "torch" else ""))
+               for lib, n, t in MATMUL_CONFIGS]
+    mm_keys = list({key: (lib, n, t, key) for lib, n, t, key in mm_keys}.values())  # threads may coincide
+    mm_t: dict[str, list[float]] = {key: [] for *_, key in mm_keys}
+    mm_cache: dict = {}
+    order = list(engines)
+    rounds = range(warmup + repeats)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="side-by-side", unit="round", file=sys.stderr, dynamic_ncols=True)
+    for rep in rounds:
+        timed = rep >= warmup
+        k = rep % len(order)
+        for name in order[k:] + order[:k]:
+            run = engines[name].run
+            t = time.perf_counter()
+            run(engine_input)
+            dt = time.perf_counter() - t
+            if timed:
+                eng_t[name].append(dt)
+            if frames:
+                t0 = time.perf_counter()
+                x = prepare(rep)
+                t1 = time.perf_counter()
+                run(x)
+                t2 = time.perf_counter()
+                if timed:
+                    e2e_t[name].append(t2 - t0)
+                    pre_t.append(t1 - t0)
+        lib, n, t, key = mm_keys[rep % len(mm_keys)]
+        dt = _time_matmul(lib, n, mm_cache, t)
+        if rep >= len(mm_keys):  # the first call per config pays allocation and warm-up
+            mm_t[key].append(dt)
+    mm_cache.clear()
+    if not any(mm_t.values()):  # fewer rounds than configs: time each once more
+        for lib, n, t, key in mm_keys:
+            mm_t[key].append(_time_matmul(lib, n, mm_cache, t))
+        mm_cache.clear()
+    mm_medians = {key: _r(2 * n**3 / float(np.median(mm_t[key])) / 1e9, 1) for _, n, _, key in mm_keys if mm_t[key]}
+    best = max(mm_medians, key=mm_medians.get)
+    matmul = MatmulPeak(mm_medians[best], best, mm_medians, threads)
+
+    # FLOPs, memory
+    torch.set_num_threads(threads)
+    flops = count_export_flops(model, rig, batch)
+    peak: dict[str, float] = {}
+    if measure_memory:
+        for name, eng in engines.items():
+            try:
+                peak[name], _ = measure_peak_memory(lambda: eng.build()(engine_input), torch.device("cpu"))
+            except Exception as exc:
+                notes.append(f"{name}: memory probe failed ({_one_line(exc)})")
+    torch.set_num_threads(threads)
+
+    baseline = min(eager_names, key=lambda n: float(np.median(eng_t[n])))
+    base_eng = float(np.median(eng_t[baseline]))
+    base_e2e = float(np.median(e2e_t[baseline])) if e2e_t[baseline] else None
+    pre_med = _ms(pre_t)[0] if pre_t else None
+    results = []
+    for (engine, n_threads), name in zip(specs, names):
+        if name not in engines:
+            results.append(VariantResult(name, engine, n_threads, False, failures.get(name, "not run")))
+            continue
+        em, ep = _ms(eng_t[name])
+        xm, xp = _ms(e2e_t[name]) if e2e_t[name] else (None, None)
+        gf_eng = flops / (em / 1e3) / 1e9
+        gf_e2e = None if xm is None else flops / (xm / 1e3) / 1e9
+        results.append(VariantResult(
+            name=name, engine=engine, threads=n_threads, ok=True, description=engines[name].description,
+            setup_seconds=_r(engines[name].setup_seconds, 2),
+            engine_median_ms=_r(em), engine_p90_ms=_r(ep), engine_min_ms=_r(1e3 * min(eng_t[name])),
+            end_to_end_median_ms=_r(xm), end_to_end_p90_ms=_r(xp),
+            end_to_end_min_ms=_r(1e3 * min(e2e_t[name])) if e2e_t[name] else None,
+            preprocess_median_ms=_r(pre_med), peak_memory_mb=_r(peak.get(name), 1),
+            engine_speedup_vs_eager=_r(1e3 * base_eng / em),
+            end_to_end_speedup_vs_eager=None if xm is None or base_e2e is None else _r(1e3 * base_e2e / xm),
+            label_agreement_vs_eager=_r(agreement[name], 6),
+            achieved_gflops_engine=_r(gf_eng, 1), achieved_gflops_end_to_end=_r(gf_e2e, 1),
+            roofline_engine=_r(gf_eng / matmul.gflops, 4),
+            roofline_end_to_end=None if gf_e2e is None else _r(gf_e2e / matmul.gflops, 4),
+        ))
+    if frames:
+        notes.append("end-to-end: decode + resize/crop of every camera image (PIL, the evaluation transform) + "
+                     "engine + labels, frame after frame; the preprocessing is the same for every variant")
+    else:
+        notes.append("no dataset: end-to-end not measured")
+    notes.append("roofline: model FLOPs / median latency over the best median dense float32 matmul throughput "
+                 "measured in the same rounds with the same thread count")
+    if hasattr(os, "getloadavg"):
+        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return SideBySideResult(
+        model=model_name, rig_hash=expected_hash, rig_source=rig.source, camera_names=tuple(rig.camera_names),
+        image_size=image_size, batch=batch, input_format=input_format, threads=threads, repeats=repeats,
+        warmup=warmup, flops=flops, gflops=_r(flops / 1e9), matmul=matmul, baseline=baseline,
+        variants=tuple(results),
+        end_to_end_source=f"{getattr(dataset, 'data_root', 'dataset')} ({len(frames)} frames, cycled)" if frames else None,
+        peak_memory_kind=SIDE_BY_SIDE_MEMORY_KIND if measure_memory else "not measured",
+        machine=machine, notes=tuple(notes),
+    )
+
+
+def format_side_by_side(result: SideBySideResult) -> str:
+    """The side-by-side table: medians (p90) in ms, speed-ups over the eager baseline, memory,
+    label agreement with eager, achieved GFLOP/s and roofline fraction (end-to-end when measured)."""
+    def fmt(x: float | None, spec: str = "8.1f") -> str:
+        return f"{x:{spec}}" if x is not None else f"{'-':>{spec.split('.')[0]}}"
+
+    lines = [
+        f"{result.model}: {len(result.camera_names)} cams {result.image_size[0]}x{result.image_size[1]}, batch "
+        f"{result.batch}, {result.input_format} input, rig {result.rig_hash} (baked in), median (p90) of "
+        f"{result.repeats} interleaved rounds; speed-ups over {result.baseline}",
+        f"{'variant':12s}{'engine ms':>10s}{'(p90)':>8s}{'e2e ms':>9s}{'(p90)':>8s}{'x eager':>8s}{'x e2e':>7s}"
+        f"{'peak MB':>8s}{'agree %':>9s}{'GFLOP/s':>8s}{'roofline':>9s}{'setup s':>8s}",
+    ]
+    for v in result.variants:
+        if not v.ok:
+            lines.append(f"{v.name:12s}  FAILED: {v.error}")
+            continue
+        roof = v.roofline_end_to_end if v.roofline_end_to_end is not None else v.roofline_engine
+        gf = v.achieved_gflops_end_to_end if v.achieved_gflops_end_to_end is not None else v.achieved_gflops_engine
+        agree = None if v.label_agreement_vs_eager is None else 100 * v.label_agreement_vs_eager
+        lines.append(
+            f"{v.name:12s}{fmt(v.engine_median_ms, '10.1f')}{fmt(v.engine_p90_ms)}{fmt(v.end_to_end_median_ms, '9.1f')}"
+            f"{fmt(v.end_to_end_p90_ms)}{fmt(v.engine_speedup_vs_eager, '8.2f')}{fmt(v.end_to_end_speedup_vs_eager, '7.2f')}"
+            f"{fmt(v.peak_memory_mb, '8.0f')}{fmt(agree, '9.3f')}{fmt(gf, '8.1f')}{fmt(None if roof is None else 100 * roof, '8.1f')}%"
+            f"{fmt(v.setup_seconds, '8.1f')}")
+    mm = ", ".join(f"{k} {g:.0f}" for k, g in result.matmul.medians.items())
+    lines.append(f"model {result.gflops:.2f} GFLOPs per forward; dense matmul {result.matmul.gflops:.0f} GFLOP/s "
+                 f"(best median of {mm}); roofline = model GFLOP/s "
+                 f"{'end-to-end' if result.end_to_end_source else 'engine-only'} / matmul GFLOP/s")
+    return "\n".join(lines)
+
+
 __all__ = [
-    "BenchResult", "EngineInputs", "PATHS", "PathProfile", "STAGES", "StageClock", "StageTiming", "StagedOutput",
-    "BenchModel", "benchmark", "count_stage_flops", "dataset_inputs", "format_table", "load_bench_model", "machine_info",
-    "measure_peak_memory", "open_bench_dataset", "predict_labels", "profiled_forward", "synthetic_inputs",
+    "BenchModel", "BenchResult", "DEFAULT_VARIANTS", "ENGINES", "EngineInputs", "MatmulPeak", "PATHS", "PathProfile",
+    "STAGES", "SideBySideResult", "StageClock", "StageTiming", "StagedOutput", "VARIANTS", "VariantResult",
+    "benchmark", "count_export_flops", "count_stage_flops", "dataset_inputs", "format_side_by_side", "format_table",
+    "load_bench_model", "machine_info", "measure_peak_memory", "open_bench_dataset", "parse_variant",
+    "predict_labels", "profiled_forward", "side_by_side", "synthetic_inputs",
 ]

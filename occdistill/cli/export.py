@@ -1,0 +1,241 @@
+"""``occdistill export``: ONNX export of the dense student for ONE camera rig, with onnxruntime parity,
+FP16 and INT8 (static QDQ, calibrated on training frames) variants and their mIoU change.
+
+    occdistill export --checkpoint runs/street-tiny --out deploy/ [--eval]
+    occdistill export --checkpoint RUN --data ROOT --train-split T.pkl --val-split V.pkl --out deploy/
+    occdistill export --config flashocc-m0 --rig nuscenes --precision fp32 --out deploy/m0/
+
+Writes ``DIR/model.onnx`` (FP32), ``DIR/model.fp16.onnx``, ``DIR/model.int8.onnx``, a sidecar
+JSON beside each and ``DIR/export.json`` (export info, parity, sizes, mIoU per variant).
+
+THE CAMERA RIG IS BAKED IN. The graph takes images only; the BEV pooling plan and the camera
+parameters of the depth net are computed from one calibration (by default frame 0 of the
+checkpoint's training split, deterministic evaluation transform; ``--rig nuscenes`` for the
+nuScenes 6-camera rig) and stored as constants. The rig hash, camera names/order and image size
+are in the ONNX metadata and the sidecar; the parity and evaluation code refuse frames whose
+calibration moves the frustum by more than ``--rig-tolerance`` metres (default half a BEV cell).
+Re-export for another robot. INT8 needs training frames of that rig for calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "ONNX export (camera rig baked in) with onnxruntime parity, FP16/INT8 variants and their mIoU change"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    src.add_argument("--config", help="training config (YAML or built-in name) or dense-model YAML; random weights")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="with --checkpoint: EMA weights (default, when present) or the raw weights")
+    parser.add_argument("--data", type=Path, help="dataset root (default: the config's data.root)")
+    parser.add_argument("--train-split", help="info pickle of the training frames (rig, INT8 calibration)")
+    parser.add_argument("--val-split", help="info pickle of the evaluation frames (parity, --eval)")
+    parser.add_argument("--rig", choices=("dataset", "nuscenes"), default="dataset",
+                        help="calibration to bake in: a dataset frame (default) or the nuScenes 6-camera rig")
+    parser.add_argument("--rig-split", choices=("train", "val"), default="train", help="split of the rig frame")
+    parser.add_argument("--rig-frame", type=int, default=0, help="index of the rig frame in that split (default 0)")
+    parser.add_argument("--rig-tolerance", type=float,
+                        help="metres a frame's calibration may move the frustum points (default half a BEV cell)")
+    parser.add_argument("--precision", default="fp32,fp16,int8",
+                        help="comma list of fp32, fp16, int8 (default all; fp32 is always written)")
+    parser.add_argument("--calib-frames", type=int, default=8, help="training frames for INT8 calibration (default 8)")
+    parser.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    parser.add_argument("--input", choices=("uint8", "float32"), default="uint8",
+                        help="graph input: uint8 (B,N,H,W,3) RGB, normalised in the graph (default), or "
+                        "float32 (B,N,3,H,W) in [0,1]")
+    parser.add_argument("--batch", type=int, default=1, help="batch size fixed in the graph (default 1)")
+    parser.add_argument("--parity-frames", type=int, default=4, help="evaluation frames for the parity check")
+    parser.add_argument("--eval", action="store_true", help="mIoU of eager and every variant on the evaluation split")
+    parser.add_argument("--threads", type=int, help="intra-op threads of torch and onnxruntime")
+    parser.add_argument("--json", type=Path, help="report path (default OUT/export.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
+
+
+def _banner(meta_rig: dict, rig_hash: str, tolerance: float) -> str:
+    h, w = meta_rig["image_size"]
+    cams = ", ".join(meta_rig["camera_names"])
+    bar = "!" * 100
+    return "\n".join([
+        bar,
+        f"!! CAMERA RIG BAKED IN -- rig {rig_hash}: {len(meta_rig['camera_names'])} cameras [{cams}] at {h}x{w} "
+        f"(raw {meta_rig['raw_size'][0]}x{meta_rig['raw_size'][1]})",
+        f"!! calibration from: {meta_rig['source']}",
+        "!! the exported model is valid ONLY for this calibration, camera order and image size; inputs whose",
+        f"!! calibration moves the frustum by more than {tolerance:.3f} m are refused. Re-export for another rig.",
+        bar,
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from occdistill.deploy.bench import load_bench_model
+    from occdistill.deploy.export import (
+        FrustumSpec,
+        OnnxOccModel,
+        check_parity,
+        default_rig_tolerance,
+        export_onnx,
+        rig_from_dataset,
+        rig_to_dict,
+    )
+    from occdistill.deploy.quantize import (
+        VARIANT_FILES,
+        calibration_frames,
+        convert_fp16,
+        evaluate_variants,
+        qdq_counts,
+        quantize_int8,
+    )
+    from occdistill.deploy.rig import nuscenes_rig
+    from occdistill.errors import OccDistillError
+    from occdistill.io import atomic_write_json
+    from occdistill.models.dense import DenseStudent
+
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    bad = [p for p in precisions if p not in VARIANT_FILES]
+    if bad:
+        raise OccDistillError(f"--precision: unknown {bad}; choose from {', '.join(VARIANT_FILES)}")
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")
+    for name in ("batch", "calib_frames", "parity_frames"):
+        if getattr(args, name) < 1:
+            raise OccDistillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rig_tolerance is not None and args.rig_tolerance < 0:
+        raise OccDistillError(f"--rig-tolerance must be >= 0, got {args.rig_tolerance}")
+    if args.overrides and args.checkpoint:
+        raise OccDistillError("key=value overrides apply to --config only")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise OccDistillError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    loaded = load_bench_model(config=args.config, checkpoint=args.checkpoint, overrides=args.overrides,
+                              weights=args.weights)
+    model = loaded.model.eval()
+    if not isinstance(model, DenseStudent):
+        from occdistill.deploy.export import sparse_export_reason
+
+        raise OccDistillError(f"export supports the dense student; this is a {type(model).__name__}"
+                              f"{sparse_export_reason() if type(model).__name__ == 'SparseOccStudent' else ''}")
+
+    # datasets (training frames: rig + calibration; evaluation frames: parity + mIoU)
+    splits = {}
+    data_cfg = loaded.data
+    if args.rig == "dataset" or "int8" in precisions or args.eval or args.data is not None:
+        if data_cfg is None:
+            raise OccDistillError("--data needs a training config or checkpoint (its data section: format, image "
+                                  "pipeline, cameras)")
+        if data_cfg.format != "occ3d":
+            raise OccDistillError(f"data.format {data_cfg.format}: rig-from-dataset export supports occ3d-layout "
+                                  "datasets; use --rig nuscenes")
+        from occdistill.engine.data import open_split
+
+        for split, override in (("train", args.train_split), ("val", args.val_split)):
+            stored = override or (data_cfg.train_split if split == "train" else data_cfg.val_split)
+            if stored:
+                splits[split] = open_split(data_cfg, split, augment=False, root=args.data, split_path=override)
+    if args.rig == "dataset":
+        if args.rig_split not in splits:
+            raise OccDistillError(f"--rig dataset: no {args.rig_split} split (give --checkpoint/--config with a data "
+                                  f"section, or --{args.rig_split}-split), or use --rig nuscenes")
+        rig = rig_from_dataset(splits[args.rig_split], args.rig_frame)
+    else:
+        rig = nuscenes_rig(tuple(model.cfg.image_size))
+    if "int8" in precisions and "train" not in splits:
+        raise OccDistillError("INT8 calibration needs training frames of the rig (a checkpoint/config with "
+                              "data.train_split, or --train-split); or drop int8 from --precision")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = export_onnx(model, rig, args.out / VARIANT_FILES["fp32"], opset=args.opset, exporter=args.exporter,
+                       input_format=args.input, batch=args.batch, model_name=loaded.name)
+    ort32 = OnnxOccModel(info.path, threads=args.threads, rig_tolerance_m=args.rig_tolerance)
+    tolerance = ort32.rig_tolerance_m
+    print(_banner(rig_to_dict(rig, model.cfg.image_size), info.rig_hash, tolerance))
+    print(f"exported {info.path} ({info.size_bytes / 2**20:.1f} MB, {info.exporter} exporter, opset {info.opset}, "
+          f"{info.seconds:.1f} s): input {info.inputs[0].name} {list(info.inputs[0].shape)} {info.inputs[0].dtype}; "
+          + ", ".join(f"{o.name} {list(o.shape)} {o.dtype}" for o in info.outputs))
+
+    # parity inputs: evaluation frames of the rig (checked), else random images
+    eval_set = splits.get("val") or splits.get("train")
+    if eval_set is not None:
+        ort32.check_dataset(eval_set)
+        picks = sorted({round(i * (len(eval_set) - 1) / max(args.parity_frames - 1, 1))
+                        for i in range(args.parity_frames)})
+        inputs = []
+        for i in picks:
+            s = eval_set[i]
+            ort32.check_rig(s.intrinsics, s.img_from_raw, s.ego_from_cam, s.camera_names)
+            x = ort32.prepare(s.images[None])
+            inputs.append(x.repeat(args.batch, axis=0) if args.batch > 1 else x)
+        parity_source = f"{len(inputs)} frames of {eval_set.data_root}"
+    else:
+        from occdistill.deploy.export import ExportWrapper
+
+        wrapper = ExportWrapper(model, rig, batch=args.batch, input_format=args.input)
+        inputs = [wrapper.example_input(seed).cpu().numpy() for seed in range(args.parity_frames)]
+        parity_source = f"{len(inputs)} random images (no dataset)"
+
+    files = {"fp32": info.path}
+    variants = {"fp32": {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}}
+    parity = {"fp32": check_parity(model, ort32, inputs, verbose=False)}
+    print(f"parity fp32 vs eager ({parity_source}): {parity['fp32'].summary()}")
+    if "fp16" in precisions:
+        v = convert_fp16(info.path, args.out / VARIANT_FILES["fp16"])
+        files["fp16"] = v.path
+        variants["fp16"] = v.to_dict()
+    if "int8" in precisions:
+        frames, tokens = calibration_frames(ort32, splits["train"], args.calib_frames)
+        v = quantize_int8(info.path, args.out / VARIANT_FILES["int8"], frames, method=args.calib_method,
+                          calibration_tokens=tokens)
+        files["int8"] = v.path
+        variants["int8"] = {**v.to_dict(), **qdq_counts(v.path)}
+        print(f"INT8: static QDQ, {v.details['calibration_method']} ranges from {v.details['calibration_frames']} "
+              f"training frames, per-channel weights; {v.details['QuantizeLinear']} QuantizeLinear nodes")
+    for precision in ("fp16", "int8"):
+        if precision in files:
+            # Reported, not asserted: reduced precision is judged by its mIoU change.
+            p = check_parity(model, OnnxOccModel(files[precision], threads=args.threads), inputs,
+                             max_abs_bound=None, agreement_bound=None, raise_on_failure=False, verbose=False)
+            parity[precision] = p
+            print(f"parity {precision} vs eager: {p.summary()}; file {variants[precision]['size_bytes'] / 2**20:.1f} MB")
+
+    report = {
+        "command": "export",
+        "model": loaded.name,
+        "warning": info.notes[0],
+        "rig_hash": info.rig_hash,
+        "rig": rig_to_dict(rig, model.cfg.image_size),
+        "rig_tolerance_m": tolerance,
+        "frustum": FrustumSpec.of(model).to_dict(),
+        "export": info.to_dict(),
+        "variants": variants,
+        "parity_inputs": parity_source,
+        "parity": {k: p.to_dict() for k, p in parity.items()},
+    }
+    if args.eval:
+        if "val" not in splits:
+            raise OccDistillError("--eval needs an evaluation split (the config's data.val_split or --val-split)")
+        ev = evaluate_variants(model, files, splits["val"], threads=args.threads, progress=True)
+        report["evaluation"] = ev
+        print(f"mIoU on {ev['frames']} evaluation frames (percent; change vs ONNX FP32):")
+        for name, row in ev["variants"].items():
+            print(f"  {name:10s} mIoU {row['mIoU']:6.2f} ({row.get('mIoU_change_vs_fp32', 0.0):+.2f})  "
+                  f"IoU {row['IoU']:6.2f}")
+    if not parity["fp32"].ok:
+        atomic_write_json(args.json or args.out / "export.json", report)
+        raise OccDistillError(f"{info.path}: FP32 parity failed: {parity['fp32'].summary()}")
+    out_json = args.json or args.out / "export.json"
+    atomic_write_json(out_json, report)
+    print(json.dumps({"command": "export", "rig_hash": info.rig_hash, "files": {k: str(v) for k, v in files.items()},
+                      "parity_fp32_ok": parity["fp32"].ok}))
+    print(f"wrote {out_json}")
+    return 0

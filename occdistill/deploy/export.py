@@ -1,0 +1,812 @@
+"""ONNX export of the dense student for ONE fixed camera rig, the onnxruntime runtime and the parity check.
+
+The exported graph takes images only. Everything that depends on the calibration is computed once
+from the rig and baked into the graph as constants:
+
+- the BEV pooling plan (:class:`occdistill.nn.bev_pool.PrecomputedBEVPool`: Gather + CumSum, no
+  scatter, no plugin: the op FlashOcc needs a custom TensorRT ``bev_pool_v2`` plugin for);
+- the camera-parameter vector of the camera-aware depth net (its MLP folds into constants).
+
+So an exported file is valid for that rig only: the rig's hash, camera names (in input order), image
+sizes and full matrices are stored in the model's ``metadata_props`` and in a sidecar JSON, and
+:class:`OnnxOccModel` refuses inputs whose calibration moves the frustum points by more than a
+tolerance (:func:`compare_rig`). This is the FlashOcc deployment pitfall made explicit: their
+TensorRT scripts reuse one calibration for every frame silently (research/kd_deploy.md B1).
+
+Graph contract (``input_format``):
+
+- ``uint8`` (default): ``images`` (B, N, H, W, 3) uint8 RGB as decoded and resized/cropped by the
+  evaluation transform; the graph converts to float, divides by 255 and normalises. Host-side
+  preprocessing is then decode + resize only, and the input is 4x smaller;
+- ``float32``: ``images`` (B, N, 3, H, W) float32 in [0, 1], the model's own contract.
+
+Outputs: ``logits`` (B, X, Y, Z, K) float32 and ``labels`` (B, X, Y, Z) uint8 (argmax in the
+graph). Shapes are static (batch fixed at export), as TensorRT and INT8 calibration prefer.
+
+Letters: B batch, N cameras, H W image, X Y Z voxels, K classes, D depth bins, h w feature map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from occdistill.deploy.rig import Rig
+from occdistill.errors import OccDistillError
+from occdistill.geometry.grid import VoxelGrid
+from occdistill.io import atomic_write_bytes, atomic_write_json
+from occdistill.models.dense import DenseStudent
+
+FORMAT = "occdistill-onnx"
+FORMAT_VERSION = 1
+INPUT_FORMATS = ("uint8", "float32")
+EXPORTERS = ("dynamo", "torchscript")
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "labels")
+META_PREFIX = "occdistill."
+RIG_WARNING = (
+    "camera rig baked in: this model is valid ONLY for the calibration (intrinsics, image transform, "
+    "camera poses, camera order, image size) it was exported with; re-export for another rig"
+)
+# Parity bounds of an FP32 export against eager PyTorch (issue: argmax agreement >= 99.9%).
+MAX_ABS_LOGIT_DIFF = 1e-3
+MIN_ARGMAX_AGREEMENT = 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# the rig: serialisation, hash, comparison
+
+
+def rig_to_dict(rig: Rig, image_size: tuple[int, int]) -> dict[str, Any]:
+    """JSON-able description of a rig at the network input ``image_size`` (H, W)."""
+    return {
+        "camera_names": list(rig.camera_names),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "raw_size": [int(rig.raw_size[0]), int(rig.raw_size[1])],
+        "intrinsics": rig.intrinsics.double().tolist(),
+        "img_from_raw": rig.img_from_raw.double().tolist(),
+        "ego_from_cam": rig.ego_from_cam.double().tolist(),
+        "source": rig.source,
+    }
+
+
+def rig_from_dict(d: dict[str, Any]) -> Rig:
+    as_t = lambda key: torch.tensor(d[key], dtype=torch.float32)  # noqa: E731
+    return Rig(as_t("intrinsics"), as_t("img_from_raw"), as_t("ego_from_cam"), str(d.get("source", "")),
+               tuple(d["camera_names"]), tuple(d["raw_size"]))
+
+
+def rig_hash(rig: Rig, image_size: tuple[int, int]) -> str:
+    """16 hex digits of SHA-256 over the camera names, sizes and matrices (float32 values rounded
+    to 6 decimals, so that a float32 -> JSON -> float32 round trip keeps the hash)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"cameras": list(rig.camera_names), "image_size": list(image_size),
+                         "raw_size": list(rig.raw_size)}, sort_keys=True).encode())
+    for t in rig[:3]:
+        h.update(np.round(t.detach().cpu().float().double().numpy(), 6).astype("<f8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def rig_from_sample(sample: Any, raw_size: tuple[int, int] | None = None, source: str = "") -> Rig:
+    """The rig of one dataset :class:`~occdistill.data.sample.Sample` (``ego_from_cam`` = bda @
+    keyego_from_cam: identity bda under the evaluation transform)."""
+    raw = tuple(raw_size) if raw_size is not None else tuple(sample.images.shape[-2:])
+    return Rig(sample.intrinsics.float(), sample.img_from_raw.float(), sample.ego_from_cam.float(),
+               source or f"sample {sample.token} ({sample.scene_name})", tuple(sample.camera_names), raw)
+
+
+def raw_image_size(dataset: Any, index: int = 0) -> tuple[int, int]:
+    """(H, W) of the first camera image of frame ``index`` of an Occ3D-layout dataset, before resizing."""
+    from PIL import Image
+
+    from occdistill.data.infos import resolve_data_path
+
+    frame = dataset.frame(index)
+    path = resolve_data_path(dataset.data_root, frame.camera(dataset.camera_names[0]).image_path)
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
+def rig_from_dataset(dataset: Any, index: int = 0) -> Rig:
+    """The rig of frame ``index`` of an evaluation-mode (no augmentation) Occ3D-layout dataset."""
+    if getattr(dataset, "augment", False):
+        raise OccDistillError("take the rig from a dataset without augmentation (the deterministic eval transform)")
+    if not 0 <= index < len(dataset):
+        raise OccDistillError(f"rig frame {index} is outside the dataset ({len(dataset)} frames)")
+    frame = dataset.frame(index)
+    return rig_from_sample(dataset[index], raw_image_size(dataset, index),
+                           source=f"{dataset.data_root} frame {index} ({frame.scene_name}/{frame.token})")
+
+
+@dataclass(frozen=True)
+class FrustumSpec:
+    """What the rig comparison needs of the model: the frustum (feature cells x depth bins) and the grid."""
+
+    image_size: tuple[int, int]
+    feature_stride: int
+    depth_bins: tuple[float, float, float]  # (min, max, step) metres
+    grid_range: tuple[float, ...]
+    voxel_size: tuple[float, ...]
+
+    @classmethod
+    def of(cls, model: DenseStudent) -> "FrustumSpec":
+        cfg = model.cfg
+        return cls(tuple(cfg.image_size), cfg.feature_stride, tuple(cfg.depth_bins), tuple(cfg.grid.range),
+                   tuple(cfg.grid.voxel_size))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FrustumSpec":
+        return cls(tuple(d["image_size"]), int(d["feature_stride"]), tuple(d["depth_bins"]), tuple(d["grid_range"]),
+                   tuple(d["voxel_size"]))
+
+    def points(self, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any) -> np.ndarray:
+        """Ego positions (N, D, h, w, 3) float64 of the frustum points, as the LSS lift places them:
+        feature cell (i, j) looks along input pixel ((j + 0.5) s, (i + 0.5) s), bin k at its centre depth."""
+        k = np.asarray(intrinsics, dtype=np.float64)
+        aug = np.asarray(img_from_raw, dtype=np.float64)
+        pose = np.asarray(ego_from_cam, dtype=np.float64)
+        s = self.feature_stride
+        h, w = self.image_size[0] // s, self.image_size[1] // s
+        dmin, dmax, step = self.depth_bins
+        d = dmin + (np.arange(round((dmax - dmin) / step)) + 0.5) * step
+        u, v = (np.arange(w) + 0.5) * s, (np.arange(h) + 0.5) * s
+        pix = np.stack(np.broadcast_arrays(u[None, None, :] * d[:, None, None], v[None, :, None] * d[:, None, None],
+                                           d[:, None, None] * np.ones((1, h, w))), axis=-1)  # (D, h, w, 3)
+        ego_from_pix = pose[:, :3, :3] @ np.linalg.inv(aug @ k)  # (N, 3, 3)
+        return np.einsum("nij,dhwj->ndhwi", ego_from_pix, pix) + pose[:, None, None, None, :3, 3]
+
+    def bev_cells(self, points: np.ndarray) -> np.ndarray:
+        """Flat BEV cell of every point, -1 where the pooling drops it (same rule as ``bev_cell_index``)."""
+        grid = VoxelGrid(self.grid_range, self.voxel_size)
+        nx, ny, _ = grid.shape
+        xmin, ymin, zmin, _, _, zmax = self.grid_range
+        fx = (points[..., 0] - xmin) / self.voxel_size[0]
+        fy = (points[..., 1] - ymin) / self.voxel_size[1]
+        z = points[..., 2]
+        kept = (fx >= 0) & (fx < nx) & (fy >= 0) & (fy < ny) & (z >= zmin) & (z < zmax)
+        cell = np.floor(np.where(kept, fx, 0)).astype(np.int64) * ny + np.floor(np.where(kept, fy, 0)).astype(np.int64)
+        return np.where(kept, cell, -1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RigCheck:
+    """How far a rig is from the baked one.
+
+    ``max_shift_m``: largest displacement of any frustum point (all cameras, feature cells and
+    depth bins) between the two rigs; ``moved_fraction``: share of the frustum points that the
+    pooling keeps under either rig and that land in another BEV cell (or are dropped by one rig
+    only). ``ok``: same camera names and image size and ``max_shift_m <= tolerance_m``.
+    """
+
+    ok: bool
+    max_shift_m: float
+    moved_fraction: float
+    tolerance_m: float
+    reason: str
+
+
+def default_rig_tolerance(spec: FrustumSpec) -> float:
+    """Half the BEV cell: a frustum point moved less than that changes cell only near cell borders."""
+    return 0.5 * min(spec.voxel_size[0], spec.voxel_size[1])
+
+
+def compare_rig(
+    baked: Rig, spec: FrustumSpec, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any,
+    camera_names: Sequence[str] | None = None, tolerance_m: float | None = None,
+) -> RigCheck:
+    """Compare one frame's calibration ((N, 3, 3), (N, 3, 3), (N, 4, 4)) with the baked rig."""
+    tol = default_rig_tolerance(spec) if tolerance_m is None else float(tolerance_m)
+    to_np = lambda t: t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)  # noqa: E731
+    k, aug, pose = to_np(intrinsics), to_np(img_from_raw), to_np(ego_from_cam)
+    n = baked.intrinsics.shape[0]
+    if camera_names is not None and tuple(camera_names) != tuple(baked.camera_names):
+        return RigCheck(False, float("inf"), 1.0, tol, f"cameras {list(camera_names)} differ from the baked "
+                        f"{list(baked.camera_names)} (names and order must match)")
+    if k.shape != (n, 3, 3) or aug.shape != (n, 3, 3) or pose.shape != (n, 4, 4):
+        return RigCheck(False, float("inf"), 1.0, tol, f"{k.shape[0]} cameras given, the model was exported for {n}")
+    ref = spec.points(baked.intrinsics, baked.img_from_raw, baked.ego_from_cam)
+    pts = spec.points(k, aug, pose)
+    shift = float(np.linalg.norm(pts - ref, axis=-1).max())
+    cells_ref, cells = spec.bev_cells(ref), spec.bev_cells(pts)
+    either = (cells_ref >= 0) | (cells >= 0)
+    moved = float(((cells_ref != cells) & either).sum() / max(int(either.sum()), 1))
+    ok = shift <= tol
+    reason = "" if ok else (f"the calibration moves frustum points by up to {shift:.3f} m (tolerance {tol:.3f} m; "
+                            f"{100 * moved:.2f}% change BEV cell): re-export for this rig or raise the tolerance")
+    return RigCheck(ok, shift, moved, tol, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# the exported module
+
+
+class ExportWrapper(nn.Module):
+    """``DenseStudent`` with its rig baked in: images -> (logits (B, X, Y, Z, K) float32, labels (B, X, Y, Z) uint8).
+
+    Sets the model's fixed rig (the precomputed, exportable pooling plan): the model stays in
+    that deployment mode afterwards. ``batch`` fixes B; the camera matrices become (B, N, ...) buffers.
+    """
+
+    def __init__(self, model: DenseStudent, rig: Rig, *, batch: int = 1, input_format: str = "uint8"):
+        super().__init__()
+        if not isinstance(model, DenseStudent):
+            raise OccDistillError(f"ONNX export supports the dense student; got a {type(model).__name__}"
+                                  f"{sparse_export_reason() if type(model).__name__ == 'SparseOccStudent' else ''}")
+        if input_format not in INPUT_FORMATS:
+            raise OccDistillError(f"input format {input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
+        if batch < 1:
+            raise OccDistillError(f"batch must be >= 1, got {batch}")
+        self.model = model
+        self.input_format = input_format
+        self.batch = batch
+        self.cameras = int(rig.intrinsics.shape[0])
+        self.image_size = tuple(model.cfg.image_size)
+        device = model.pixel_mean.device
+        model.set_fixed_rig(*(t.to(device) for t in rig[:3]))
+        for name, t in zip(("intrinsics", "img_from_raw", "ego_from_cam"), rig[:3]):
+            self.register_buffer(name, t.to(device).float()[None].expand(batch, *t.shape).contiguous(), persistent=False)
+
+    def input_shape(self) -> tuple[int, ...]:
+        h, w = self.image_size
+        if self.input_format == "uint8":
+            return (self.batch, self.cameras, h, w, 3)
+        return (self.batch, self.cameras, 3, h, w)
+
+    def example_input(self, seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        if self.input_format == "uint8":
+            x = torch.randint(0, 256, self.input_shape(), generator=gen, dtype=torch.uint8)
+        else:
+            x = torch.rand(self.input_shape(), generator=gen)
+        return x.to(self.intrinsics.device)
+
+    def to_model_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Graph input -> (B, N, 3, H, W) float32 in [0, 1], exactly as the data pipeline makes it."""
+        if self.input_format == "uint8":
+            # (B, N, H, W, 3) -> (B, N, 3, H, W); x / 255 in float32 as the dataset's np.asarray(...) / 255
+            return images.permute(0, 1, 4, 2, 3).float() / 255.0
+        return images
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(self.to_model_images(images), self.intrinsics, self.img_from_raw, self.ego_from_cam)
+        logits = out.voxel_logits
+        return logits, logits.argmax(dim=-1).to(torch.uint8)
+
+
+class ExportSoftplus(nn.Module):
+    """``nn.Softplus`` as ``(relu(b x) + log1p(exp(-|b x|))) / b``: equal in float32 (the threshold
+    branch of ``nn.Softplus`` differs by < 2e-9 relative) but exported as vectorised elementwise ops.
+    The exporters lower ``nn.Softplus`` to ONNX Softplus + Greater + Where, and onnxruntime's CPU
+    Softplus kernel is scalar: 17% of the street-tiny graph's time, for FlashOcc's head MLP alone."""
+
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        self.beta = float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bx = x * self.beta if self.beta != 1.0 else x
+        out = torch.relu(bx) + torch.log1p(torch.exp(-bx.abs()))
+        return out / self.beta if self.beta != 1.0 else out
+
+
+def exportable_copy(model: DenseStudent) -> DenseStudent:
+    """A deep copy of ``model`` with export-friendly equivalents of slow-to-run modules
+    (:class:`ExportSoftplus`); the caller's model is left as it is."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, nn.Softplus):
+            parent = clone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else clone
+            setattr(parent, name.rsplit(".", 1)[-1], ExportSoftplus(module.beta))
+    return clone
+
+
+def sparse_export_reason() -> str:
+    """Why the sparse student has no ONNX export (see the module docstring of this file's caller)."""
+    return (": the sparse (OPUS-style) student's voxelisation is data-dependent -- it keeps a varying number of "
+            "points (boolean masking by score and distance), scatters them with index_add_ into the grid and loops "
+            "over samples in Python; only its network part (backbone, FPN, decoder with 2D grid_sample) is "
+            "exportable, so it needs a host-side voxeliser and has no single-graph export here")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What :func:`export_onnx` wrote. ``sha256`` is the ONNX file's; ``sidecar`` the JSON beside it."""
+
+    path: Path
+    sidecar: Path
+    opset: int
+    exporter: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    input_format: str
+    rig_hash: str
+    camera_names: tuple[str, ...]
+    image_size: tuple[int, int]
+    sha256: str
+    size_bytes: int
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"], d["sidecar"] = str(self.path), str(self.sidecar)
+        return d
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    p = Path(path)
+    return p.with_name(p.name + ".json")
+
+
+def _numpy_dtype_name(elem_type: int) -> str:
+    import onnx
+
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _io_info(values: Any) -> tuple[TensorInfo, ...]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append(TensorInfo(v.name, tuple(int(d.dim_value) for d in t.shape.dim), _numpy_dtype_name(t.elem_type)))
+    return tuple(out)
+
+
+def export_metadata(model: DenseStudent, rig: Rig, *, input_format: str, batch: int, exporter: str, opset: int,
+                    model_name: str = "dense") -> dict[str, Any]:
+    """Everything a runtime needs to use (or refuse) the exported file, JSON-able."""
+    cfg = model.cfg
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "warning": RIG_WARNING,
+        "rig_hash": rig_hash(rig, cfg.image_size),
+        "camera_names": list(rig.camera_names),
+        "image_size": list(cfg.image_size),
+        "batch": batch,
+        "input_format": input_format,
+        "input_layout": "B,N,H,W,3 uint8 RGB" if input_format == "uint8" else "B,N,3,H,W float32 in [0,1]",
+        "rig": rig_to_dict(rig, cfg.image_size),
+        "frustum": FrustumSpec.of(model).to_dict(),
+        "grid_shape": list(model.grid.shape),
+        "num_classes": cfg.num_classes,
+        "model": model_name,
+        "exporter": exporter,
+        "opset": opset,
+        "torch": torch.__version__,
+    }
+
+
+def _export_graph(wrapper: ExportWrapper, example: torch.Tensor, path: Path, exporter: str, opset: int) -> None:
+    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset)
+    if exporter == "dynamo":
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, external_data=False, optimize=True, **names)
+        program.save(str(path))
+    else:
+        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, do_constant_folding=True, **names)
+
+
+def export_onnx(
+    model: DenseStudent,
+    rig: Rig,
+    path: str | Path,
+    *,
+    opset: int = 18,
+    exporter: str = "dynamo",
+    input_format: str = "uint8",
+    batch: int = 1,
+    model_name: str = "dense",
+    extra_metadata: dict[str, Any] | None = None,
+) -> ExportInfo:
+    """Export ``model`` with ``rig`` baked in to ``path`` (written atomically) + ``path.json``.
+
+    ``exporter``: "dynamo" (torch.export -> onnxscript, the default of torch >= 2.9) or
+    "torchscript" (the legacy tracer). The model is put in eval mode and switched to the rig's
+    precomputed pooling. Raises :class:`OccDistillError` on an unsupported model or opset < 17.
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise OccDistillError(f"exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
+    if opset < 17:
+        raise OccDistillError(f"opset {opset}: the export needs opset >= 17")
+    if rig.intrinsics.shape[0] != len(rig.camera_names):
+        raise OccDistillError(f"rig has {rig.intrinsics.shape[0]} cameras but {len(rig.camera_names)} camera names")
+    start = time.perf_counter()
+    path = Path(path)
+    if not isinstance(model, DenseStudent):
+        ExportWrapper(model, rig)  # raises the one-line reason
+    wrapper = ExportWrapper(exportable_copy(model).eval(), rig, batch=batch, input_format=input_format).eval()
+    example = wrapper.example_input()
+    meta = export_metadata(model, rig, input_format=input_format, batch=batch, exporter=exporter, opset=opset,
+                           model_name=model_name)
+    meta.update(extra_metadata or {})
+    with tempfile.TemporaryDirectory(prefix=".export.", dir=path.parent if path.parent.exists() else None) as tmp:
+        raw = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            try:
+                _export_graph(wrapper, example, raw, exporter, opset)
+            except Exception as exc:  # exporter internals raise many types; name the cause in one line
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise OccDistillError(f"{exporter} ONNX export failed: {first}") from exc
+        proto = onnx.load(str(raw))
+    reshaped = transposes_to_reshapes(proto)
+    onnx.checker.check_model(proto)
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key = META_PREFIX + key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    proto.doc_string = RIG_WARNING
+    actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    atomic_write_bytes(path, proto.SerializeToString())
+    info = ExportInfo(
+        path=path, sidecar=sidecar_path(path), opset=int(actual_opset), exporter=exporter,
+        inputs=_io_info(proto.graph.input), outputs=_io_info(proto.graph.output), input_format=input_format,
+        rig_hash=meta["rig_hash"], camera_names=tuple(rig.camera_names), image_size=tuple(model.cfg.image_size),
+        sha256=_file_sha256(path), size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - start, 2),
+        notes=(RIG_WARNING, f"{reshaped} size-1 Transpose(s) rewritten as Reshape",
+               "nn.Softplus exported as relu(x) + log1p(exp(-|x|)) (vectorised ops)"),
+    )
+    atomic_write_json(info.sidecar, {**meta, "file": path.name, "sha256": info.sha256, "size_bytes": info.size_bytes,
+                                     "inputs": [asdict(t) for t in info.inputs],
+                                     "outputs": [asdict(t) for t in info.outputs]})
+    return info
+
+
+def transposes_to_reshapes(proto: Any) -> int:
+    """Replace every Transpose that only moves size-1 axes (e.g. (1, R, C) -> (R, 1, C) in the
+    pooling at batch 1) by a Reshape: same data order, no copy. onnxruntime executes such a
+    Transpose as a full copy (0.85 ms of 32 in street-tiny). Needs static shapes; returns the count."""
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {}
+    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [int(d.dim_value) for d in dims]
+    count = 0
+    for node in proto.graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in shapes:
+            continue
+        shape = shapes[node.input[0]]
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(shape)))[::-1])
+        moved = [p for p in perm if shape[p] != 1]
+        if moved != sorted(moved):
+            continue
+        target = f"{node.output[0]}__reshape_to"
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([shape[p] for p in perm], np.int64), target))
+        node.op_type = "Reshape"
+        del node.attribute[:]
+        node.input.append(target)
+        count += 1
+    return count
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``occdistill.*`` metadata of an exported file (values JSON-decoded)."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise OccDistillError(f"{p}: ONNX file not found")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise OccDistillError(f"{p}: not a readable ONNX file ({type(exc).__name__})") from exc
+    meta = {}
+    for entry in proto.metadata_props:
+        if entry.key.startswith(META_PREFIX):
+            key = entry.key[len(META_PREFIX):]
+            try:
+                meta[key] = json.loads(entry.value)
+            except ValueError:
+                meta[key] = entry.value
+    if meta.get("format") != FORMAT:
+        raise OccDistillError(f"{p}: not an occdistill export (no {META_PREFIX}format metadata)")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side preprocessing for the uint8 input
+
+
+class FramePreprocessor:
+    """Decode + resize/crop of one frame's camera images to the network input as uint8 (N, H, W, 3):
+    the evaluation transform of ``image_aug`` (an :class:`~occdistill.data.augment.ImageAugConfig`),
+    the same PIL operations as :meth:`~occdistill.data.augment.ImageAug.apply_image` without the
+    float conversion, so ``load(paths) / 255`` equals the dataset's images exactly (tested)."""
+
+    def __init__(self, image_aug: Any):
+        self.image_aug = image_aug
+        self._augs: dict[tuple[int, int], Any] = {}
+
+    def _aug(self, raw_size: tuple[int, int]) -> Any:
+        if raw_size not in self._augs:
+            from occdistill.data.augment import sample_image_aug
+
+            self._augs[raw_size] = sample_image_aug(self.image_aug, raw_size, None)
+        return self._augs[raw_size]
+
+    def load_image(self, path: str | Path) -> np.ndarray:
+        from PIL import Image
+
+        from occdistill.geometry import resize_matrix
+
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        aug = self._aug((img.height, img.width))
+        (rh, rw), (oh, ow) = aug.resize_size, aug.out_size
+        if (rh, rw) != aug.raw_size:
+            img = img.resize((rw, rh), Image.BILINEAR)
+        post = aug.img_from_raw @ np.linalg.inv(resize_matrix(rw / aug.raw_size[1], rh / aug.raw_size[0]))
+        if (oh, ow) != (rh, rw) or not np.allclose(post, np.eye(3), atol=1e-12):
+            data = tuple(np.linalg.inv(post)[:2].reshape(6))
+            img = img.transform((ow, oh), Image.AFFINE, data, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+        return np.asarray(img, dtype=np.uint8)
+
+    def load(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """(N, H, W, 3) uint8, cameras in the order of ``paths``."""
+        return np.stack([self.load_image(p) for p in paths])
+
+
+def frame_image_paths(dataset: Any, index: int) -> list[Path]:
+    """Camera image files of frame ``index`` of an Occ3D-layout dataset, in its camera order."""
+    from occdistill.data.infos import resolve_data_path
+
+    frame = dataset.frame(index)
+    return [resolve_data_path(dataset.data_root, frame.camera(n).image_path) for n in dataset.camera_names]
+
+
+# ---------------------------------------------------------------------------------------------
+# the onnxruntime side
+
+
+def make_session(path: str | Path, threads: int | None = None, optimization: str = "all", spin: bool = True) -> Any:
+    """An onnxruntime CPU session: graph optimisation ``optimization`` (disable/basic/extended/all),
+    ``threads`` intra-op threads (None: onnxruntime's choice, one per physical core), sequential
+    execution. ``spin=False`` lets idle pool threads sleep instead of busy-waiting for the next
+    run: slightly slower per run, but it does not steal the cores from other work in the process
+    (other engines in an interleaved benchmark, the robot's other nodes)."""
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if optimization not in levels:
+        raise OccDistillError(f"optimization {optimization!r} is not one of {', '.join(levels)}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise OccDistillError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0]})") from exc
+
+
+class OnnxOccModel:
+    """An exported dense student in onnxruntime, with its baked rig.
+
+    :meth:`run` takes images in the export's ``input_format``; :meth:`check_rig` refuses a frame
+    calibration that differs from the baked rig (names/order, count, or geometry beyond
+    ``rig_tolerance_m``, default half a BEV cell).
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all",
+                 spin: bool = True, rig_tolerance_m: float | None = None):
+        self.path = Path(path)
+        self.meta = read_metadata(self.path)
+        self.rig = rig_from_dict(self.meta["rig"])
+        self.rig_hash = self.meta["rig_hash"]
+        self.input_format = self.meta["input_format"]
+        self.image_size = tuple(self.meta["image_size"])
+        self.frustum = FrustumSpec.from_dict(self.meta["frustum"])
+        self.rig_tolerance_m = default_rig_tolerance(self.frustum) if rig_tolerance_m is None else rig_tolerance_m
+        self.session = make_session(self.path, threads, optimization, spin)
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.input_shape = inp.name, tuple(inp.shape)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def check_rig(self, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any,
+                  camera_names: Sequence[str] | None = None) -> RigCheck:
+        """Raise :class:`OccDistillError` unless one frame's calibration matches the baked rig."""
+        check = compare_rig(self.rig, self.frustum, intrinsics, img_from_raw, ego_from_cam, camera_names,
+                            self.rig_tolerance_m)
+        if not check.ok:
+            raise OccDistillError(f"{self.path.name} (rig {self.rig_hash}) refuses this input: {check.reason}")
+        return check
+
+    def check_dataset(self, dataset: Any) -> None:
+        """Camera names/order and image size of a dataset against the baked rig (geometry is checked per frame)."""
+        names = tuple(getattr(dataset, "camera_names", ()) or ())
+        if names and names != tuple(self.rig.camera_names):
+            raise OccDistillError(f"{self.path.name} (rig {self.rig_hash}) was exported for cameras "
+                                  f"{list(self.rig.camera_names)}, the dataset has {list(names)}")
+        aug = getattr(dataset, "image_aug", None)
+        if aug is not None and tuple(aug.final_size) != self.image_size:
+            raise OccDistillError(f"{self.path.name}: exported for {self.image_size[0]}x{self.image_size[1]} images, "
+                                  f"the dataset makes {aug.final_size[0]}x{aug.final_size[1]}")
+
+    def prepare(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(B, N, 3, H, W) float32 in [0, 1] (the dataset's images) -> the graph's input layout."""
+        x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if self.input_format == "uint8":
+            if x.dtype == np.uint8:
+                return x
+            # The dataset's floats are uint8 / 255 exactly: rounding recovers the bytes.
+            return np.ascontiguousarray(np.rint(x.transpose(0, 1, 3, 4, 2) * 255.0).clip(0, 255).astype(np.uint8))
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def run(self, images: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Graph input (already in the export's layout) -> {output name: array}."""
+        if tuple(images.shape) != self.input_shape:
+            raise OccDistillError(f"{self.path.name}: input {tuple(images.shape)}, the export takes {self.input_shape}")
+        names = list(outputs) if outputs is not None else self.output_names
+        return dict(zip(names, self.session.run(names, {self.input_name: images})))
+
+
+@dataclass
+class _Logits:
+    voxel_logits: torch.Tensor
+
+
+class OnnxEvalAdapter(nn.Module):
+    """An :class:`OnnxOccModel` behind the model interface ``engine.evaluate`` calls
+    (``model(images, intrinsics, img_from_raw, ego_from_cam).voxel_logits``), checking the rig of
+    every batch. Batches must have the export's batch size."""
+
+    def __init__(self, onnx_model: OnnxOccModel):
+        super().__init__()
+        self.onnx_model = onnx_model
+        self.max_shift_m = 0.0
+
+    def forward(self, images: torch.Tensor, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
+                ego_from_cam: torch.Tensor) -> _Logits:
+        for b in range(images.shape[0]):
+            check = self.onnx_model.check_rig(intrinsics[b], img_from_raw[b], ego_from_cam[b])
+            self.max_shift_m = max(self.max_shift_m, check.max_shift_m)
+        out = self.onnx_model.run(self.onnx_model.prepare(images), ["logits"])["logits"]
+        return _Logits(torch.from_numpy(out))
+
+
+def evaluate_onnx(onnx_model: OnnxOccModel, dataset: Any, *, rayiou: bool = False,
+                  progress: bool = False) -> dict[str, Any]:
+    """The metrics report of ``engine.evaluate`` for an exported model on an (eval-mode) dataset;
+    refuses a dataset whose rig differs from the baked one. Adds ``rig_max_shift_m``."""
+    from occdistill.engine.evaluate import evaluate
+
+    onnx_model.check_dataset(dataset)
+    adapter = OnnxEvalAdapter(onnx_model)
+    report = evaluate(adapter, dataset, torch.device("cpu"), batch_size=onnx_model.input_shape[0], rayiou=rayiou,
+                      progress=progress)
+    report["rig_max_shift_m"] = round(adapter.max_shift_m, 4)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# parity
+
+
+@dataclass(frozen=True)
+class Parity:
+    """onnxruntime vs eager PyTorch (same rig, same inputs): largest |logit difference|, share of
+    voxels whose argmax agrees, and over how many voxels/frames. ``ok``: within the bounds (None: not checked)."""
+
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    argmax_agreement: float
+    voxels: int
+    frames: int
+    max_abs_bound: float | None = MAX_ABS_LOGIT_DIFF
+    agreement_bound: float | None = MIN_ARGMAX_AGREEMENT
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return ((self.max_abs_bound is None or self.max_abs_logit_diff <= self.max_abs_bound)
+                and (self.agreement_bound is None or self.argmax_agreement >= self.agreement_bound))
+
+    def summary(self) -> str:
+        bounds = []
+        if self.max_abs_bound is not None:
+            bounds.append(f"<= {self.max_abs_bound:g}")
+        if self.agreement_bound is not None:
+            bounds.append(f">= {100 * self.agreement_bound:.1f}%")
+        verdict = (("PASS" if self.ok else "FAIL") + f" (bounds {', '.join(bounds)})") if bounds else "not checked"
+        return (f"parity over {self.frames} frame(s), {self.voxels} voxels: max |logit diff| "
+                f"{self.max_abs_logit_diff:.3g}, mean {self.mean_abs_logit_diff:.3g}, argmax agreement "
+                f"{100 * self.argmax_agreement:.4f}% -> {verdict}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def check_parity(
+    model: DenseStudent,
+    onnx_model: OnnxOccModel | str | Path,
+    inputs: Sequence[torch.Tensor | np.ndarray],
+    *,
+    max_abs_bound: float | None = MAX_ABS_LOGIT_DIFF,
+    agreement_bound: float | None = MIN_ARGMAX_AGREEMENT,
+    threads: int | None = None,
+    raise_on_failure: bool = True,
+    verbose: bool = True,
+) -> Parity:
+    """Run the eager model (a copy switched to the export's baked rig) and onnxruntime on the same
+    ``inputs`` (each one graph input, in the export's layout) and compare the logits.
+
+    Prints :meth:`Parity.summary` (``verbose``) and raises :class:`OccDistillError` outside the
+    bounds when ``raise_on_failure``.
+    """
+    import copy
+
+    ort_model = onnx_model if isinstance(onnx_model, OnnxOccModel) else OnnxOccModel(onnx_model, threads=threads)
+    device = model.pixel_mean.device
+    # A copy: the wrapper switches its model to the baked rig's pooling; the caller's stays as it is.
+    wrapper = ExportWrapper(copy.deepcopy(model), ort_model.rig, batch=ort_model.input_shape[0],
+                            input_format=ort_model.input_format).eval()
+    max_diff, sum_diff, agree, voxels = 0.0, 0.0, 0, 0
+    for x in inputs:
+        x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        with torch.inference_mode():
+            ref_logits, ref_labels = wrapper(torch.from_numpy(x_np).to(device))
+        got = ort_model.run(x_np)
+        diff = np.abs(got["logits"].astype(np.float64) - ref_logits.cpu().numpy().astype(np.float64))
+        max_diff = max(max_diff, float(diff.max()))
+        sum_diff += float(diff.sum()) / diff.shape[-1]
+        agree += int((got["labels"] == ref_labels.cpu().numpy()).sum())
+        voxels += int(got["labels"].size)
+    parity = Parity(max_diff, sum_diff / max(voxels, 1), agree / max(voxels, 1), voxels, len(inputs),
+                    max_abs_bound, agreement_bound)
+    if verbose:
+        print(f"{ort_model.path.name}: {parity.summary()}")
+    if raise_on_failure and not parity.ok:
+        raise OccDistillError(f"{ort_model.path}: {parity.summary()}")
+    return parity
+
+
+__all__ = [
+    "EXPORTERS", "ExportInfo", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel",
+    "Parity", "RIG_WARNING", "RigCheck", "TensorInfo", "check_parity", "compare_rig", "default_rig_tolerance",
+    "evaluate_onnx", "export_metadata", "transposes_to_reshapes", "export_onnx", "exportable_copy", "frame_image_paths", "make_session", "raw_image_size", "read_metadata",
+    "rig_from_dataset", "rig_from_dict", "rig_from_sample", "rig_hash", "rig_to_dict", "sidecar_path",
+]

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("occdistill.cli.train", "train a model from a config (resumable; multi-GPU through torchrun)"),
     "eval": ("occdistill.cli.eval", "evaluate a checkpoint on a dataset: mIoU, IoU, RayIoU, per class"),
     "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile"),
+    "export": ("occdistill.cli.export", "ONNX export (camera rig baked in) + onnxruntime parity, FP16/INT8 variants"),
     "dump-teacher": ("occdistill.cli.dump_teacher", "run a teacher over a split and write targets + manifest"),
     "check-dump": ("occdistill.cli.check_dump", "validate a teacher dump against a dataset"),
     "costmap": ("occdistill.cli.costmap", "occupancy -> 2D costmap (map_server PGM+YAML, OccupancyGrid, MCAP) and dynamic risk layer"),

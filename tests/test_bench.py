@@ -235,3 +235,33 @@ def test_shares_are_medians_over_repeats(model):
     assert [p.path for p in result.paths] == ["train"] and result.export_over_train_latency is None
     medians = np.array([s.median_ms for s in result.stages])
     np.testing.assert_allclose([s.share for s in result.stages], medians / medians.sum(), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# side by side (the ONNX variants are tested in tests/test_export.py)
+
+
+def test_parse_variant():
+    from occdistill.deploy.bench import parse_variant
+    from occdistill.errors import OccDistillError
+
+    assert parse_variant("eager@1", 2) == ("eager", 1)
+    assert parse_variant(" ort-int8 ", 2) == ("ort-int8", 2)
+    for bad in ("eagre", "eager@0", "eager@x"):
+        with pytest.raises(OccDistillError):
+            parse_variant(bad, 2)
+
+
+def test_side_by_side_engine_only_reports_missing_files(model):
+    from occdistill.deploy.bench import format_side_by_side, side_by_side
+
+    rig = nuscenes_rig(model.cfg.image_size)
+    result = side_by_side(model, rig, variants=["eager@1", "eager@2", "ort-fp32@1"], repeats=2, warmup=0,
+                          threads=1, measure_memory=False)
+    rows = {v.name: v for v in result.variants}
+    assert rows["eager@1"].ok and rows["eager@2"].ok and rows["eager@1"].end_to_end_median_ms is None
+    assert not rows["ort-fp32@1"].ok and "no fp32 ONNX file" in rows["ort-fp32@1"].error
+    assert result.baseline in ("eager@1", "eager@2") and result.variant(result.baseline).engine_speedup_vs_eager == 1.0
+    assert result.matmul.gflops > 0 and result.flops > 0 and rows["eager@1"].roofline_engine > 0
+    assert "FAILED" in format_side_by_side(result)
+    assert model.view_transform.fixed_pool is None  # the model's pooling mode is restored

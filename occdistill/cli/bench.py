@@ -10,6 +10,19 @@ batch comes from the dataset and the end-to-end latency (read, decode, resize, c
 forward, argmax) and the data pipeline time per sample are reported too; without it the input is
 random images on the nuScenes 6-camera rig (real calibration from ../shared/realdata if present).
 See :mod:`occdistill.deploy.bench` for what each number measures.
+
+Side by side (one interleaved run; medians, p90, peak memory, engine-only and end-to-end):
+
+    occdistill bench --checkpoint RUN --data ROOT --infos VAL.pkl --variants eager@1,eager@2,compile,ort-fp32,ort-int8
+    occdistill bench --checkpoint RUN --data ROOT --infos VAL.pkl --side-by-side --onnx-dir deploy/
+
+A variant is ENGINE[@THREADS], ENGINE one of eager, compile (torch.compile), ort-fp32, ort-fp16,
+ort-int8. The ONNX files come from ``occdistill export`` (``--onnx-dir``: its rig is the one
+benchmarked) or are exported on the fly with the rig of the dataset's first frame (nuScenes rig
+without ``--data``; INT8 then needs ``--data`` and is calibrated on the benchmark frames: fine for
+latency, use ``occdistill export`` for accuracy). Speed-ups are over the fastest eager variant;
+the roofline is model FLOPs / latency over a dense matmul timed in the same rounds. Sets
+``OMP_WAIT_POLICY=PASSIVE`` when unset (see the JSON notes).
 """
 
 from __future__ import annotations
@@ -41,12 +54,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory forward")
     parser.add_argument("--no-export-path", action="store_true", help="time the training pooling path only")
+    parser.add_argument("--variants", help="side by side: comma list of ENGINE[@THREADS] (eager, compile, ort-fp32, "
+                        "ort-fp16, ort-int8)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="side by side with the default variants (eager, compile, ort-fp32, ort-fp16, ort-int8)")
+    parser.add_argument("--onnx-dir", help="side by side: directory written by `occdistill export` (model.onnx, "
+                        "model.fp16.onnx, model.int8.onnx)")
+    parser.add_argument("--calib-frames", type=int, default=8,
+                        help="side by side without --onnx-dir: dataset frames for the on-the-fly INT8 calibration")
+    parser.add_argument("--compile-mode", help="side by side: torch.compile mode (default: torch's default)")
     parser.add_argument("--json", help="write the result to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="model config overrides (with --config)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.variants or args.side_by_side:
+        return run_side_by_side(args)
     import torch
 
     from occdistill.deploy.bench import (
@@ -96,6 +120,125 @@ def run(args: argparse.Namespace) -> int:
     report = {"command": "bench", **result.to_dict()}
     print(json.dumps(report))
     print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_side_by_side(args: argparse.Namespace) -> int:
+    import os
+
+    # Before torch loads its OpenMP runtime: busy-waiting worker threads are what made 2-thread
+    # eager runs 10-40x slower on a loaded machine (recorded in the JSON, overridable).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from occdistill.deploy.bench import (
+        DEFAULT_VARIANTS,
+        format_side_by_side,
+        load_bench_model,
+        open_bench_dataset,
+        parse_variant,
+        side_by_side,
+    )
+    from occdistill.deploy.export import export_onnx, read_metadata, rig_from_dataset, rig_from_dict
+    from occdistill.deploy.quantize import VARIANT_FILES, calibration_frames, convert_fp16, quantize_int8
+    from occdistill.deploy.rig import nuscenes_rig
+    from occdistill.errors import OccDistillError
+    from occdistill.io import atomic_write_json
+    from occdistill.models.dense import DenseStudent
+
+    if args.variants and args.side_by_side:
+        raise OccDistillError("give --variants or --side-by-side, not both")
+    if args.device != "cpu" or args.dtype != "float32":
+        raise OccDistillError("the side-by-side runs on the CPU in float32 (the onnxruntime variants carry their "
+                              "own precision)")
+    if args.overrides and args.checkpoint:
+        raise OccDistillError("key=value overrides apply to --config only")
+    if args.infos and not args.data:
+        raise OccDistillError("--infos needs --data ROOT")
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    if threads < 1 or args.batch < 1 or args.calib_frames < 1:
+        raise OccDistillError("--threads, --batch and --calib-frames must be >= 1")
+    variants = [v.strip() for v in (args.variants.split(",") if args.variants else DEFAULT_VARIANTS) if v.strip()]
+    engines = [parse_variant(v, threads)[0] for v in variants]
+
+    loaded = load_bench_model(config=args.config, checkpoint=args.checkpoint, overrides=args.overrides,
+                              weights=args.weights)
+    model = loaded.model.eval()
+    if not isinstance(model, DenseStudent):
+        raise OccDistillError(f"the side-by-side benchmarks the dense student; got a {type(model).__name__}")
+    image_size = tuple(model.cfg.image_size)
+    dataset, image_aug = None, None
+    if args.data:
+        fmt = args.format or (loaded.data.format if loaded.data is not None else "occ3d")
+        if fmt != "occ3d":
+            raise OccDistillError("the side-by-side takes its rig from an occ3d-layout dataset")
+        image_aug = loaded.data.image_aug if loaded.data is not None else None
+        cameras = loaded.data.cameras if loaded.data is not None else ()
+        dataset = open_bench_dataset(fmt, args.data, args.infos, image_size, cameras, image_aug=image_aug)
+        image_aug = dataset.image_aug
+
+    onnx_paths: dict[str, Path] = {}
+    notes = []
+    tmp = None
+    if args.onnx_dir:
+        root = Path(args.onnx_dir)
+        if not (root / VARIANT_FILES["fp32"]).is_file():
+            raise OccDistillError(f"{root}: no {VARIANT_FILES['fp32']} (write it with "
+                                  f"`occdistill export --out {root}`)")
+        onnx_paths = {p: root / f for p, f in VARIANT_FILES.items() if (root / f).is_file()}
+        meta = read_metadata(onnx_paths["fp32"])
+        rig = rig_from_dict(meta["rig"])
+        input_format, batch = meta["input_format"], int(meta["batch"])
+        if dataset is not None:
+            from occdistill.deploy.export import OnnxOccModel
+
+            check = OnnxOccModel(onnx_paths["fp32"], threads=1)
+            check.check_dataset(dataset)
+            s0 = dataset[0]
+            check.check_rig(s0.intrinsics, s0.img_from_raw, s0.ego_from_cam, s0.camera_names)
+    else:
+        rig = rig_from_dataset(dataset, 0) if dataset is not None else nuscenes_rig(image_size)
+        input_format, batch = "uint8", args.batch
+        needed = {parse_variant(v, threads)[0] for v in variants} - {"eager", "compile"}
+        if needed:
+            tmp = tempfile.TemporaryDirectory(prefix="occdistill-bench-")
+            root = Path(tmp.name)
+            print(f"exporting to {root} (rig baked in: {rig.source})")
+            info = export_onnx(model, rig, root / VARIANT_FILES["fp32"], batch=batch, model_name=loaded.name)
+            onnx_paths["fp32"] = info.path
+            if "ort-fp16" in needed:
+                onnx_paths["fp16"] = convert_fp16(info.path, root / VARIANT_FILES["fp16"]).path
+            if "ort-int8" in needed and dataset is not None:
+                from occdistill.deploy.export import OnnxOccModel
+
+                frames, _ = calibration_frames(OnnxOccModel(info.path, threads=threads), dataset, args.calib_frames)
+                onnx_paths["int8"] = quantize_int8(info.path, root / VARIANT_FILES["int8"], frames).path
+                notes.append("INT8 calibrated on the benchmark frames (latency only; `occdistill export` calibrates "
+                             "on training frames)")
+    try:
+        result = side_by_side(
+            model, rig, variants=variants, onnx_paths=onnx_paths, dataset=dataset, image_aug=image_aug,
+            input_format=input_format, batch=batch, threads=threads, repeats=args.repeats, warmup=args.warmup,
+            compile_mode=args.compile_mode, measure_memory=not args.no_memory, model_name=loaded.name,
+            progress=not args.quiet,
+        )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if "ort-int8" in engines and "int8" not in onnx_paths:
+        notes.append("ort-int8: no INT8 file (pass --onnx-dir from `occdistill export`, or --data to calibrate)")
+    report = {"command": "bench", "mode": "side-by-side", **result.to_dict()}
+    report["notes"] = [*report["notes"], *notes]
+    print(json.dumps(report))
+    print(format_side_by_side(result))
+    for note in notes:
+        print(f"note: {note}")
     if args.json:
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")

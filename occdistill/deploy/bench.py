@@ -371,18 +371,21 @@ def synthetic_inputs(
 
 def open_bench_dataset(
     fmt: str, data_root: str | Path, infos: str | Path | None, image_size: tuple[int, int],
-    cameras: Sequence[str] = (),
+    cameras: Sequence[str] = (), image_aug: Any = None,
 ):
     """An evaluation-mode dataset (no labels: deployment does not read them) whose images are
     resized/cropped to the network input ``image_size``; ``cameras`` orders the Occ3D cameras
-    (empty: the order of the infos)."""
+    (empty: the order of the infos). ``image_aug``: the training config's ImageAugConfig (its
+    evaluation transform is used), default a bottom-aligned cover resize to ``image_size``."""
     from occdistill.data.augment import ImageAugConfig
     from occdistill.errors import DataError
 
     root = Path(data_root)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found")
-    aug = ImageAugConfig(final_size=tuple(image_size))
+    aug = image_aug if image_aug is not None else ImageAugConfig(final_size=tuple(image_size))
+    if tuple(aug.final_size) != tuple(image_size):
+        raise DataError(f"image pipeline makes {tuple(aug.final_size)} images, the model takes {tuple(image_size)}")
     if fmt == "occ3d":
         from occdistill.data.occ3d import Occ3DDataset
 
@@ -954,8 +957,6 @@ def side_by_side(
     A variant that fails (torch.compile without a compiler, a missing file) is reported, not raised;
     at least one eager variant must run (it is the reference and the baseline).
     """
-    from occdistill.deploy.export import FramePreprocessor, frame_image_paths, read_metadata, rig_hash
-
     if repeats < 1 or warmup < 0:
         raise OccDistillError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if input_format not in ("uint8", "float32"):
@@ -967,7 +968,20 @@ def side_by_side(
         raise OccDistillError(f"give distinct variants, got {list(variants)}")
     if not any(e == "eager" for e, _ in specs):
         raise OccDistillError("the side-by-side needs an eager variant (the reference and the baseline)")
+    was_training, original_plan = model.training, model.view_transform.fixed_pool
     model.eval()
+    try:
+        return _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, input_format, batch, threads,
+                             repeats, warmup, compile_mode, measure_memory, model_name, progress)
+    finally:
+        model.view_transform.fixed_pool = original_plan
+        model.train(was_training)
+
+
+def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, input_format, batch, threads, repeats,
+                  warmup, compile_mode, measure_memory, model_name, progress) -> SideBySideResult:
+    from occdistill.deploy.export import FramePreprocessor, frame_image_paths, read_metadata, rig_hash
+
     machine = machine_info(torch.device("cpu"))
     machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     image_size = tuple(model.cfg.image_size)
@@ -1136,7 +1150,8 @@ def side_by_side(
         image_size=image_size, batch=batch, input_format=input_format, threads=threads, repeats=repeats,
         warmup=warmup, flops=flops, gflops=_r(flops / 1e9), matmul=matmul, baseline=baseline,
         variants=tuple(results),
-        end_to_end_source=f"{getattr(dataset, 'data_root', 'dataset')} ({len(frames)} frames, cycled)" if frames else None,
+        end_to_end_source=(f"{getattr(dataset, 'data_root', 'dataset')} ({len(frames)} frames, cycled)"
+                           if frames else None),
         peak_memory_kind=SIDE_BY_SIDE_MEMORY_KIND if measure_memory else "not measured",
         machine=machine, notes=tuple(notes),
     )
@@ -1163,10 +1178,11 @@ def format_side_by_side(result: SideBySideResult) -> str:
         gf = v.achieved_gflops_end_to_end if v.achieved_gflops_end_to_end is not None else v.achieved_gflops_engine
         agree = None if v.label_agreement_vs_eager is None else 100 * v.label_agreement_vs_eager
         lines.append(
-            f"{v.name:12s}{fmt(v.engine_median_ms, '10.1f')}{fmt(v.engine_p90_ms)}{fmt(v.end_to_end_median_ms, '9.1f')}"
-            f"{fmt(v.end_to_end_p90_ms)}{fmt(v.engine_speedup_vs_eager, '8.2f')}{fmt(v.end_to_end_speedup_vs_eager, '7.2f')}"
-            f"{fmt(v.peak_memory_mb, '8.0f')}{fmt(agree, '9.3f')}{fmt(gf, '8.1f')}{fmt(None if roof is None else 100 * roof, '8.1f')}%"
-            f"{fmt(v.setup_seconds, '8.1f')}")
+            f"{v.name:12s}{fmt(v.engine_median_ms, '10.1f')}{fmt(v.engine_p90_ms)}"
+            f"{fmt(v.end_to_end_median_ms, '9.1f')}{fmt(v.end_to_end_p90_ms)}"
+            f"{fmt(v.engine_speedup_vs_eager, '8.2f')}{fmt(v.end_to_end_speedup_vs_eager, '7.2f')}"
+            f"{fmt(v.peak_memory_mb, '8.0f')}{fmt(agree, '9.3f')}{fmt(gf, '8.1f')}"
+            f"{fmt(None if roof is None else 100 * roof, '8.1f')}%{fmt(v.setup_seconds, '8.1f')}")
     mm = ", ".join(f"{k} {g:.0f}" for k, g in result.matmul.medians.items())
     lines.append(f"model {result.gflops:.2f} GFLOPs per forward; dense matmul {result.matmul.gflops:.0f} GFLOP/s "
                  f"(best median of {mm}); roofline = model GFLOP/s "

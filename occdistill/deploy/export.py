@@ -23,6 +23,14 @@ Graph contract (``input_format``):
 Outputs: ``logits`` (B, X, Y, Z, K) float32 and ``labels`` (B, X, Y, Z) uint8 (argmax in the
 graph). Shapes are static (batch fixed at export), as TensorRT and INT8 calibration prefer.
 
+Sparse (OPUS-style) student: exports with the dynamo exporter when the rig is fixed (the ego ->
+image projection is precomputed: ``torch.linalg.inv`` has no ONNX op), voxelisation included
+(boolean masks -> NonZero, ``index_add_`` -> ScatterND with reduction add, opset >= 16; both
+data-dependent, so TensorRT needs a recent version or plugins). Not with the TorchScript exporter
+(tensor-valued reshape sizes), and not with fewer than 26 queries (``torch.cdist`` then dispatches
+``aten._cdist_forward``, which has no ONNX translation). Its ``logits`` output is the final
+decoder layer's per-point class logits; ``engine.evaluate`` has no sparse path, so no mIoU here.
+
 Letters: B batch, N cameras, H W image, X Y Z voxels, K classes, D depth bins, h w feature map.
 """
 
@@ -138,9 +146,17 @@ class FrustumSpec:
     voxel_size: tuple[float, ...]
 
     @classmethod
-    def of(cls, model: DenseStudent) -> "FrustumSpec":
+    def of(cls, model: nn.Module) -> "FrustumSpec":
+        """The dense student's own frustum; for the sparse student (no frustum) rays through a
+        16-pixel grid, sampled every voxel size out to the far corner of the grid."""
         cfg = model.cfg
-        return cls(tuple(cfg.image_size), cfg.feature_stride, tuple(cfg.depth_bins), tuple(cfg.grid.range),
+        if isinstance(model, DenseStudent):
+            return cls(tuple(cfg.image_size), cfg.feature_stride, tuple(cfg.depth_bins), tuple(cfg.grid.range),
+                       tuple(cfg.grid.voxel_size))
+        lo, hi = np.array(cfg.grid.range[:3]), np.array(cfg.grid.range[3:])
+        step = float(min(cfg.grid.voxel_size))
+        far = step * np.ceil(float(np.linalg.norm(hi - lo)) / step)
+        return cls(tuple(cfg.image_size), 16, (step / 2, far + step / 2, step), tuple(cfg.grid.range),
                    tuple(cfg.grid.voxel_size))
 
     @classmethod
@@ -208,7 +224,9 @@ def compare_rig(
 ) -> RigCheck:
     """Compare one frame's calibration ((N, 3, 3), (N, 3, 3), (N, 4, 4)) with the baked rig."""
     tol = default_rig_tolerance(spec) if tolerance_m is None else float(tolerance_m)
-    to_np = lambda t: t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)  # noqa: E731
+    def to_np(t: Any) -> np.ndarray:
+        return t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float64)
+
     k, aug, pose = to_np(intrinsics), to_np(img_from_raw), to_np(ego_from_cam)
     n = baked.intrinsics.shape[0]
     if camera_names is not None and tuple(camera_names) != tuple(baked.camera_names):
@@ -232,18 +250,31 @@ def compare_rig(
 # the exported module
 
 
-class ExportWrapper(nn.Module):
-    """``DenseStudent`` with its rig baked in: images -> (logits (B, X, Y, Z, K) float32, labels (B, X, Y, Z) uint8).
+def _model_kind(model: nn.Module) -> str:
+    if isinstance(model, DenseStudent):
+        return "dense"
+    from occdistill.models.sparse import SparseOccStudent
 
-    Sets the model's fixed rig (the precomputed, exportable pooling plan): the model stays in
-    that deployment mode afterwards. ``batch`` fixes B; the camera matrices become (B, N, ...) buffers.
+    if isinstance(model, SparseOccStudent):
+        return "sparse"
+    raise OccDistillError(f"ONNX export supports the dense and sparse students; got a {type(model).__name__}")
+
+
+class ExportWrapper(nn.Module):
+    """A student with its rig baked in: images -> (logits, labels (B, X, Y, Z) uint8).
+
+    Dense student: ``logits`` are the voxel logits (B, X, Y, Z, K); the model is switched to the
+    rig's precomputed pooling plan (it stays in that deployment mode afterwards) and the camera
+    matrices become (B, N, ...) buffers that the camera-aware depth net's MLP folds into constants.
+    Sparse student: ``logits`` are the final decoder layer's per-point class logits (B, Q, R, K_occ);
+    the ego -> image projection is precomputed (its ``linalg.inv`` has no ONNX op) and the
+    voxelisation (score threshold, index_add scatter, closing) is part of the graph.
+    ``batch`` fixes B.
     """
 
-    def __init__(self, model: DenseStudent, rig: Rig, *, batch: int = 1, input_format: str = "uint8"):
+    def __init__(self, model: nn.Module, rig: Rig, *, batch: int = 1, input_format: str = "uint8"):
         super().__init__()
-        if not isinstance(model, DenseStudent):
-            raise OccDistillError(f"ONNX export supports the dense student; got a {type(model).__name__}"
-                                  f"{sparse_export_reason() if type(model).__name__ == 'SparseOccStudent' else ''}")
+        self.kind = _model_kind(model)
         if input_format not in INPUT_FORMATS:
             raise OccDistillError(f"input format {input_format!r} is not one of {', '.join(INPUT_FORMATS)}")
         if batch < 1:
@@ -254,9 +285,17 @@ class ExportWrapper(nn.Module):
         self.cameras = int(rig.intrinsics.shape[0])
         self.image_size = tuple(model.cfg.image_size)
         device = model.pixel_mean.device
-        model.set_fixed_rig(*(t.to(device) for t in rig[:3]))
-        for name, t in zip(("intrinsics", "img_from_raw", "ego_from_cam"), rig[:3]):
-            self.register_buffer(name, t.to(device).float()[None].expand(batch, *t.shape).contiguous(), persistent=False)
+        cams = [t.to(device).float() for t in rig[:3]]
+        if self.kind == "dense":
+            model.set_fixed_rig(*cams)
+            for name, t in zip(("intrinsics", "img_from_raw", "ego_from_cam"), cams):
+                self.register_buffer(name, t[None].expand(batch, *t.shape).contiguous(), persistent=False)
+        else:
+            if model.cfg.depth_prior:
+                raise OccDistillError("the sparse student's depth-prior branch takes a prior depth map per frame; "
+                                      "its export is not supported (export a model without cfg.depth_prior)")
+            proj = type(model).img_from_ego(*(t[None] for t in cams))  # (1, N, 3, 4)
+            self.register_buffer("img_from_ego", proj.expand(batch, *proj.shape[1:]).contiguous(), persistent=False)
 
     def input_shape(self) -> tuple[int, ...]:
         h, w = self.image_size
@@ -270,7 +309,7 @@ class ExportWrapper(nn.Module):
             x = torch.randint(0, 256, self.input_shape(), generator=gen, dtype=torch.uint8)
         else:
             x = torch.rand(self.input_shape(), generator=gen)
-        return x.to(self.intrinsics.device)
+        return x.to(self.model.pixel_mean.device)
 
     def to_model_images(self, images: torch.Tensor) -> torch.Tensor:
         """Graph input -> (B, N, 3, H, W) float32 in [0, 1], exactly as the data pipeline makes it."""
@@ -280,9 +319,19 @@ class ExportWrapper(nn.Module):
         return images
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(self.to_model_images(images), self.intrinsics, self.img_from_raw, self.ego_from_cam)
-        logits = out.voxel_logits
-        return logits, logits.argmax(dim=-1).to(torch.uint8)
+        x = self.to_model_images(images)
+        if self.kind == "dense":
+            logits = self.model(x, self.intrinsics, self.img_from_raw, self.ego_from_cam).voxel_logits
+            return logits, logits.argmax(dim=-1).to(torch.uint8)
+        from occdistill.models.sparse import SparseOutput
+
+        m = self.model
+        feats = m.image_features(x)
+        init = m.initial_points(x.shape[0])
+        layers = m.decode(init, feats, self.img_from_ego, None)
+        out = SparseOutput(init_points=init, layers=layers, image_features=feats, extra={}, grid=m.grid,
+                           classes=m.classes)
+        return layers[-1].logits, m.voxelize(out).to(torch.uint8)
 
 
 class ExportSoftplus(nn.Module):
@@ -301,7 +350,7 @@ class ExportSoftplus(nn.Module):
         return out / self.beta if self.beta != 1.0 else out
 
 
-def exportable_copy(model: DenseStudent) -> DenseStudent:
+def exportable_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with export-friendly equivalents of slow-to-run modules
     (:class:`ExportSoftplus`); the caller's model is left as it is."""
     import copy
@@ -314,12 +363,11 @@ def exportable_copy(model: DenseStudent) -> DenseStudent:
     return clone
 
 
-def sparse_export_reason() -> str:
-    """Why the sparse student has no ONNX export (see the module docstring of this file's caller)."""
-    return (": the sparse (OPUS-style) student's voxelisation is data-dependent -- it keeps a varying number of "
-            "points (boolean masking by score and distance), scatters them with index_add_ into the grid and loops "
-            "over samples in Python; only its network part (backbone, FPN, decoder with 2D grid_sample) is "
-            "exportable, so it needs a host-side voxeliser and has no single-graph export here")
+SPARSE_TORCHSCRIPT_REASON = (
+    "the sparse student exports with the dynamo exporter only: the TorchScript tracer cannot export "
+    "AdaptiveMixing's reshape to sizes read from tensors (nn/sparse_decoder.py) nor the boolean-mask "
+    "compaction of the voxelisation"
+)
 
 
 def _file_sha256(path: Path) -> str:
@@ -382,11 +430,14 @@ def _io_info(values: Any) -> tuple[TensorInfo, ...]:
     return tuple(out)
 
 
-def export_metadata(model: DenseStudent, rig: Rig, *, input_format: str, batch: int, exporter: str, opset: int,
+def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int, exporter: str, opset: int,
                     model_name: str = "dense") -> dict[str, Any]:
     """Everything a runtime needs to use (or refuse) the exported file, JSON-able."""
     cfg = model.cfg
+    kind = _model_kind(model)
     return {
+        "model_kind": kind,
+        "logits": "voxel logits (B,X,Y,Z,K)" if kind == "dense" else "final-layer point class logits (B,Q,R,K_occ)",
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "warning": RIG_WARNING,
@@ -417,7 +468,7 @@ def _export_graph(wrapper: ExportWrapper, example: torch.Tensor, path: Path, exp
 
 
 def export_onnx(
-    model: DenseStudent,
+    model: nn.Module,
     rig: Rig,
     path: str | Path,
     *,
@@ -428,11 +479,12 @@ def export_onnx(
     model_name: str = "dense",
     extra_metadata: dict[str, Any] | None = None,
 ) -> ExportInfo:
-    """Export ``model`` with ``rig`` baked in to ``path`` (written atomically) + ``path.json``.
+    """Export ``model`` (dense or sparse student) with ``rig`` baked in to ``path`` (written
+    atomically) + ``path.json``; the caller's model is not modified (an export copy is).
 
     ``exporter``: "dynamo" (torch.export -> onnxscript, the default of torch >= 2.9) or
-    "torchscript" (the legacy tracer). The model is put in eval mode and switched to the rig's
-    precomputed pooling. Raises :class:`OccDistillError` on an unsupported model or opset < 17.
+    "torchscript" (the legacy tracer; dense student only). Raises :class:`OccDistillError` on an
+    unsupported model/exporter or opset < 17.
     """
     import onnx
 
@@ -444,8 +496,8 @@ def export_onnx(
         raise OccDistillError(f"rig has {rig.intrinsics.shape[0]} cameras but {len(rig.camera_names)} camera names")
     start = time.perf_counter()
     path = Path(path)
-    if not isinstance(model, DenseStudent):
-        ExportWrapper(model, rig)  # raises the one-line reason
+    if _model_kind(model) == "sparse" and exporter != "dynamo":
+        raise OccDistillError(SPARSE_TORCHSCRIPT_REASON)
     wrapper = ExportWrapper(exportable_copy(model).eval(), rig, batch=batch, input_format=input_format).eval()
     example = wrapper.example_input()
     meta = export_metadata(model, rig, input_format=input_format, batch=batch, exporter=exporter, opset=opset,
@@ -714,6 +766,9 @@ def evaluate_onnx(onnx_model: OnnxOccModel, dataset: Any, *, rayiou: bool = Fals
     refuses a dataset whose rig differs from the baked one. Adds ``rig_max_shift_m``."""
     from occdistill.engine.evaluate import evaluate
 
+    if onnx_model.meta.get("model_kind", "dense") != "dense":
+        raise OccDistillError(f"{onnx_model.path.name}: evaluation of exported {onnx_model.meta['model_kind']} "
+                              "students is not supported (engine.evaluate reads voxel logits)")
     onnx_model.check_dataset(dataset)
     adapter = OnnxEvalAdapter(onnx_model)
     report = evaluate(adapter, dataset, torch.device("cpu"), batch_size=onnx_model.input_shape[0], rayiou=rayiou,
@@ -761,7 +816,7 @@ class Parity:
 
 
 def check_parity(
-    model: DenseStudent,
+    model: nn.Module,
     onnx_model: OnnxOccModel | str | Path,
     inputs: Sequence[torch.Tensor | np.ndarray],
     *,
@@ -781,6 +836,7 @@ def check_parity(
 
     ort_model = onnx_model if isinstance(onnx_model, OnnxOccModel) else OnnxOccModel(onnx_model, threads=threads)
     device = model.pixel_mean.device
+    model.eval()
     # A copy: the wrapper switches its model to the baked rig's pooling; the caller's stays as it is.
     wrapper = ExportWrapper(copy.deepcopy(model), ort_model.rig, batch=ort_model.input_shape[0],
                             input_format=ort_model.input_format).eval()
@@ -805,8 +861,9 @@ def check_parity(
 
 
 __all__ = [
-    "EXPORTERS", "ExportInfo", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel",
-    "Parity", "RIG_WARNING", "RigCheck", "TensorInfo", "check_parity", "compare_rig", "default_rig_tolerance",
-    "evaluate_onnx", "export_metadata", "transposes_to_reshapes", "export_onnx", "exportable_copy", "frame_image_paths", "make_session", "raw_image_size", "read_metadata",
-    "rig_from_dataset", "rig_from_dict", "rig_from_sample", "rig_hash", "rig_to_dict", "sidecar_path",
+    "EXPORTERS", "ExportInfo", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec", "INPUT_FORMATS",
+    "OnnxEvalAdapter", "OnnxOccModel", "Parity", "RIG_WARNING", "RigCheck", "SPARSE_TORCHSCRIPT_REASON", "TensorInfo",
+    "check_parity", "compare_rig", "default_rig_tolerance", "evaluate_onnx", "export_metadata", "export_onnx",
+    "exportable_copy", "frame_image_paths", "make_session", "raw_image_size", "read_metadata", "rig_from_dataset",
+    "rig_from_dict", "rig_from_sample", "rig_hash", "rig_to_dict", "sidecar_path", "transposes_to_reshapes",
 ]

@@ -214,6 +214,25 @@ def test_preprocessor_bytes_are_the_dataset_images(splits):
     assert np.array_equal(u8.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0), ds[1].images.numpy())
 
 
+def test_export_rewrites_are_exact(model, rig):
+    import copy
+
+    from occdistill.deploy.export import ExportLinear, GatheredPool
+
+    m = copy.deepcopy(model)
+    m.set_fixed_rig(*rig[:3])
+    vt = m.view_transform
+    gen = torch.Generator().manual_seed(0)
+    n, d, h, w = vt.fixed_pool.frustum_shape
+    depth = torch.rand(2, n, d, h, w, generator=gen).softmax(dim=2)
+    context = torch.randn(2, n, 8, h, w, generator=gen)
+    frustum = context.permute(0, 1, 3, 4, 2)[:, :, None] * depth[..., None]
+    assert torch.equal(GatheredPool(vt.fixed_pool)(depth, context), vt.fixed_pool(frustum))
+    lin = m.head.mlp[2]
+    x = torch.randn(3, 5, lin.in_features, generator=gen)
+    assert torch.allclose(ExportLinear(lin)(x), lin(x), atol=1e-5)
+
+
 def test_export_softplus_equals_softplus():
     x = torch.linspace(-60, 60, 20001)
     assert torch.allclose(ExportSoftplus()(x), torch.nn.Softplus()(x), atol=1e-6, rtol=1e-6)

@@ -350,17 +350,90 @@ class ExportSoftplus(nn.Module):
         return out / self.beta if self.beta != 1.0 else out
 
 
+class ExportLinear(nn.Module):
+    """``nn.Linear`` with the bias as one more input row: ``[x, 1] @ [W^T; b]``. Same sums (the bias
+    joins the dot product), but one MatMul instead of MatMul + a broadcast bias pass over the output:
+    FlashOcc's head MLP writes Z*K = 288 logits per BEV cell (11.5 MB for street-tiny), and
+    onnxruntime's bias pass over them cost as much as the matmul itself (~2 ms of 33)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        b = linear.bias.detach() if linear.bias is not None else w.new_zeros(w.shape[0])
+        self.register_buffer("weight_t", torch.cat([w, b[:, None]], dim=1).t().contiguous())  # (in + 1, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        return torch.cat([x, ones], dim=-1) @ self.weight_t
+
+
+class GatheredPool(nn.Module):
+    """The fixed-rig pooling with the depth x context product taken for the P pooled points only
+    instead of all R frustum points (FastBEV++'s index-gather): the products are the same float32
+    multiplications, so the pooled sums are bitwise those of
+    :func:`occdistill.nn.bev_pool.bev_pool_precomputed`, whose run-sum arithmetic this repeats.
+    Replaces ``fixed_pool`` of an export copy (same module name, so the precision converters find
+    it): depth (B, N, D, h, w), context (B, N, C, h, w) -> (B, C, X, Y)."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.frustum_shape, self.grid_shape = pool.frustum_shape, pool.grid_shape
+        cams, bins, h, w = pool.frustum_shape
+        rows = pool.point_index
+        self.register_buffer("point_index", rows, persistent=False)
+        # frustum row ((n * D + d) * h + i) * w + j -> feature cell (n * h + i) * w + j
+        self.register_buffer("cell_index", (rows // (bins * h * w)) * (h * w) + rows % (h * w), persistent=False)
+        self.register_buffer("interval_end", pool.interval_end, persistent=False)
+        self.register_buffer("cell_interval", pool.cell_interval, persistent=False)
+
+    def forward(self, depth: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, cams, _, h, w = depth.shape
+        channels = context.shape[2]
+        num_x, num_y = self.grid_shape
+        depth_p = depth.float().reshape(batch, -1)[:, self.point_index]  # (B, P)
+        # (B, N, C, h, w) -> (B, N*h*w, C), rows gathered at each point's feature cell -> (B, P, C)
+        ctx_p = context.float().permute(0, 1, 3, 4, 2).reshape(batch, cams * h * w, channels)[:, self.cell_index]
+        values = (ctx_p * depth_p[..., None]).permute(1, 0, 2).reshape(-1, batch * channels)  # (P, B*C)
+        centre = values.mean(dim=0, keepdim=True)
+        ends = (values - centre).cumsum(0)[self.interval_end]
+        counts = self.interval_end - torch.cat([self.interval_end.new_full((1,), -1), self.interval_end[:-1]])
+        runs = torch.cat([ends[:1], ends[1:] - ends[:-1]], dim=0) + counts[:, None].to(values.dtype) * centre
+        sums = torch.cat([runs.new_zeros(1, batch * channels), runs], dim=0)
+        out = sums[self.cell_interval]  # (X*Y, B*C)
+        return out.view(num_x, num_y, batch, channels).permute(2, 3, 0, 1).contiguous()
+
+
+def _gathered_splat(vt: nn.Module, depth: torch.Tensor, context: torch.Tensor, *cams: torch.Tensor) -> torch.Tensor:
+    return vt.fixed_pool(depth, context)
+
+
 def exportable_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with export-friendly equivalents of slow-to-run modules
-    (:class:`ExportSoftplus`); the caller's model is left as it is."""
+    """A deep copy of ``model`` with export-friendly equivalents of slow-to-run parts; the caller's
+    model is left as it is. :class:`ExportSoftplus` for ``nn.Softplus``; for the dense student also
+    :class:`ExportLinear` in the occupancy head's per-cell MLP and, once a fixed rig is set on the
+    copy, :class:`GatheredPool` (call :func:`enable_gathered_splat` after ``set_fixed_rig``)."""
     import copy
 
     clone = copy.deepcopy(model)
     for name, module in list(clone.named_modules()):
+        parent = clone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else clone
+        leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Softplus):
-            parent = clone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else clone
-            setattr(parent, name.rsplit(".", 1)[-1], ExportSoftplus(module.beta))
+            setattr(parent, leaf, ExportSoftplus(module.beta))
+        elif isinstance(module, nn.Linear) and isinstance(clone, DenseStudent) and name.startswith("head."):
+            setattr(parent, leaf, ExportLinear(module))
     return clone
+
+
+def enable_gathered_splat(model: DenseStudent) -> None:
+    """Switch a fixed-rig dense model (an export copy) to :class:`GatheredPool`."""
+    import types
+
+    vt = model.view_transform
+    if vt.fixed_pool is None:
+        raise ValueError("set the fixed rig first")
+    vt.fixed_pool = GatheredPool(vt.fixed_pool)
+    vt.splat = types.MethodType(_gathered_splat, vt)
 
 
 SPARSE_TORCHSCRIPT_REASON = (
@@ -499,6 +572,8 @@ def export_onnx(
     if _model_kind(model) == "sparse" and exporter != "dynamo":
         raise OccDistillError(SPARSE_TORCHSCRIPT_REASON)
     wrapper = ExportWrapper(exportable_copy(model).eval(), rig, batch=batch, input_format=input_format).eval()
+    if wrapper.kind == "dense":
+        enable_gathered_splat(wrapper.model)
     example = wrapper.example_input()
     meta = export_metadata(model, rig, input_format=input_format, batch=batch, exporter=exporter, opset=opset,
                            model_name=model_name)
@@ -528,7 +603,9 @@ def export_onnx(
         rig_hash=meta["rig_hash"], camera_names=tuple(rig.camera_names), image_size=tuple(model.cfg.image_size),
         sha256=_file_sha256(path), size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - start, 2),
         notes=(RIG_WARNING, f"{reshaped} size-1 Transpose(s) rewritten as Reshape",
-               "nn.Softplus exported as relu(x) + log1p(exp(-|x|)) (vectorised ops)"),
+               "nn.Softplus exported as relu(x) + log1p(exp(-|x|)) (vectorised ops)",
+               "dense: head Linear layers with the bias as an extra input row (one MatMul, no bias pass); "
+               "depth x context taken for the pooled points only (gather, then multiply)"),
     )
     atomic_write_json(info.sidecar, {**meta, "file": path.name, "sha256": info.sha256, "size_bytes": info.size_bytes,
                                      "inputs": [asdict(t) for t in info.inputs],
@@ -861,9 +938,10 @@ def check_parity(
 
 
 __all__ = [
-    "EXPORTERS", "ExportInfo", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec", "INPUT_FORMATS",
-    "OnnxEvalAdapter", "OnnxOccModel", "Parity", "RIG_WARNING", "RigCheck", "SPARSE_TORCHSCRIPT_REASON", "TensorInfo",
-    "check_parity", "compare_rig", "default_rig_tolerance", "evaluate_onnx", "export_metadata", "export_onnx",
-    "exportable_copy", "frame_image_paths", "make_session", "raw_image_size", "read_metadata", "rig_from_dataset",
-    "rig_from_dict", "rig_from_sample", "rig_hash", "rig_to_dict", "sidecar_path", "transposes_to_reshapes",
+    "EXPORTERS", "ExportInfo", "ExportLinear", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec",
+    "GatheredPool", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel", "Parity", "RIG_WARNING", "RigCheck",
+    "SPARSE_TORCHSCRIPT_REASON", "TensorInfo", "check_parity", "compare_rig", "default_rig_tolerance",
+    "enable_gathered_splat", "evaluate_onnx", "export_metadata", "export_onnx", "exportable_copy", "frame_image_paths",
+    "make_session", "raw_image_size", "read_metadata", "rig_from_dataset", "rig_from_dict", "rig_from_sample",
+    "rig_hash", "rig_to_dict", "sidecar_path", "transposes_to_reshapes",
 ]

@@ -1,15 +1,16 @@
 """Benchmark: does the dense student learn? ``street-tiny`` trained on the synthetic street world.
 
-    .venv/bin/python benchmarks/train_street_tiny.py [--scenes 10] [--frames 10] [--val-scenes 2]
-        [--steps 800] [--data DIR] [--run DIR] [--out-json PATH] [key=value ...]
+    .venv/bin/python benchmarks/train_street_tiny.py [--scenes 20] [--frames 8] [--val-scenes 3]
+        [--steps N] [--data DIR] [--run DIR] [--out-json PATH] [--skip-m0] [key=value ...]
 
 1. Generates the street world (``occdistill synth`` defaults: 100x100x16 grid, six 320x180
    cameras; scenes x frames keyframes, the last ``val-scenes`` scenes form the val split), or
    reuses ``--data`` when it already holds that dataset.
 2. Measures the data pipeline alone: training samples (with augmentation and rendered depth)
    per second through a DataLoader with 2 worker processes.
-3. Trains ``street-tiny`` for ``--steps`` optimiser steps (``key=value`` overrides apply) and
-   evaluates it on the val split: Occ3D mIoU and geometry IoU over ``mask_camera``, RayIoU.
+3. Trains ``street-tiny`` as configured (24 epochs; ``--steps`` and ``key=value`` overrides apply),
+   evaluating every 408 steps (6 epochs) and at the end on the val split: Occ3D mIoU and geometry
+   IoU over ``mask_camera``, RayIoU (the EMA weights, as FlashOcc evaluates).
 4. Scores two image-free baselines on the same val split: all-free, and the per-voxel majority
    class of the training labels.
 5. Builds ``flashocc-m0`` (R50, 256x704, 44 bins, 128 BEV channels, Occ3D grid) and runs one
@@ -94,11 +95,11 @@ def flashocc_m0_step() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=10)
-    parser.add_argument("--frames", type=int, default=10, help="keyframes per scene")
-    parser.add_argument("--val-scenes", type=int, default=2)
+    parser.add_argument("--scenes", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=8, help="keyframes per scene")
+    parser.add_argument("--val-scenes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=800, help="optimiser steps of street-tiny")
+    parser.add_argument("--steps", type=int, default=0, help="optimiser steps (default: the config's 24 epochs)")
     parser.add_argument("--data", type=Path, default=Path("outputs/bench/street"), help="dataset directory (reused)")
     parser.add_argument("--run", type=Path, default=Path("outputs/bench/street-tiny"), help="run directory (replaced)")
     parser.add_argument("--out-json", type=Path, default=Path(__file__).parent / "results" / "train_street_tiny.json")
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     synth_seconds = time.perf_counter() - t0
     cfg = load_train_config("street-tiny", [
         f"data.root={data.out}", f"data.train_split={data.splits['train']}", f"data.val_split={data.splits['val']}",
-        f"optim.max_steps={args.steps}", f"runtime.seed={args.seed}", "runtime.progress=false", *args.overrides,
+        f"optim.max_steps={args.steps}", f"runtime.seed={args.seed}", "runtime.progress=false", "runtime.eval_every=408",
+        *args.overrides,
     ])
 
     samples_per_s_loader = loader_rate(cfg)

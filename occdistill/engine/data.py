@@ -39,15 +39,16 @@ def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, r
         raise DataError(f"{data_root}: data root not found (data.root)")
     stored = str(split_path) if split_path is not None else (cfg.train_split if split == "train" else cfg.val_split)
     common = dict(image_aug=cfg.image_aug, bev_aug=cfg.bev_aug, augment=augment, seed=seed)
+    depth = cfg.depth if split == "train" else "none"  # depth targets are a training signal only
     if cfg.format == "occ3d":
         if not stored:
             raise DataError(f"data.{split}_split: occ3d needs an info pickle")
         return Occ3DDataset(
-            data_root, _split_path(data_root, stored), depth=cfg.depth, cameras=cfg.cameras or None,
+            data_root, _split_path(data_root, stored), depth=depth, cameras=cfg.cameras or None,
             classes=classes_for("occ3d"), **common,
         )
     return OccScanNetDataset(
-        data_root, split_file=_split_path(data_root, stored) if stored else None, load_depth=cfg.depth != "none",
+        data_root, split_file=_split_path(data_root, stored) if stored else None, load_depth=depth != "none",
         classes=classes_for("occscannet"), **common,
     )
 

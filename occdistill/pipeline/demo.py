@@ -179,8 +179,9 @@ def _student_markdown(student: StudentResult, out: Path) -> list[str]:
         )
     lines += ["", "Per-class IoU (classes present in the val split):", "",
               "| class | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
-    for cls, value in student.metrics["per_class"].items():
-        if value is not None:
+    present = student.baselines["all-free"]["per_class"]  # all-free scores 0 on a present class, n/a on an absent one
+    for cls in student.metrics["per_class"]:
+        if present[cls] is not None:
             lines.append(f"| {cls} | " + " | ".join(_pct(r["per_class"][cls]) for r in rows.values()) + " |")
     rel = Path(student.curves_png).relative_to(out).as_posix()
     lines += ["", "Training curves (loss terms, learning rate, validation metrics):", "", f"![curves]({rel})", ""]

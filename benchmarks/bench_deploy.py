@@ -115,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = args.checkpoint
     torch.set_num_threads(args.threads)
     loaded = load_bench_model(checkpoint=checkpoint)
+    if training is None:  # an earlier run of this script (or `occdistill train`): what its run directory says
+        from occdistill.engine.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint)
+        run_dir = ckpt.path.parent.parent
+        summary = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+        training = {"checkpoint": str(ckpt.path), "steps": ckpt.step, "seconds": summary.get("train_seconds"),
+                    "val_mIoU_at_end": summary.get("metrics", {}).get("mIoU"), "config": to_dict(ckpt.config)}
     model = loaded.model.eval()
     data_cfg = loaded.data
     train_set = open_split(data_cfg, "train", augment=False, root=data.out, split_path=data.splits["train"])
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parity = {"fp32": check_parity(model, ort32, inputs)}  # raises outside the bounds
     for p in ("fp16", "int8"):
         parity[p] = check_parity(model, OnnxOccModel(files[p], threads=args.threads), inputs,
-                                 max_abs_bound=None, agreement_bound=None, raise_on_failure=False)
+                                 logit_tolerance=None, agreement_bound=None, raise_on_failure=False)
     evaluation = evaluate_variants(model, files, val_set, threads=args.threads)
 
     # 5. side by side

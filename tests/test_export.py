@@ -120,7 +120,8 @@ def test_export_matches_eager_on_dataset_frames(model, rig, splits, exporter, tm
     assert info.outputs[0].shape == (1, 100, 100, 16, 18) and info.outputs[1].dtype == "uint8"
     m = OnnxOccModel(info.path)
     parity = check_parity(model, m, frame_inputs(m, splits["train"]))
-    assert parity.ok and parity.max_abs_logit_diff < 1e-3 and parity.argmax_agreement >= 0.999
+    assert parity.ok and parity.max_abs_logit_diff < 1e-4 * max(1.0, parity.max_abs_logit)
+    assert parity.argmax_agreement >= 0.999 and parity.max_abs_logit > 0
     assert parity.voxels == 2 * 100 * 100 * 16
     assert model.view_transform.fixed_pool is None  # parity and export leave the caller's model alone
     graph_ops = {n.op_type for n in onnx.load(str(info.path)).graph.node}
@@ -201,7 +202,7 @@ def test_int8_and_fp16_variants(model, exported, splits, tmp_path):
         runtime = OnnxOccModel(v.path)
         out = runtime.run(inputs[0])
         assert out["logits"].dtype == np.float32 and out["labels"].shape == (1, 100, 100, 16)
-        p = check_parity(model, runtime, inputs, max_abs_bound=None, agreement_bound=None)
+        p = check_parity(model, runtime, inputs, logit_tolerance=None, agreement_bound=None)
         assert p.argmax_agreement >= min_agree
     assert pooling_node_names(onnx.load(str(exported.path)))
 

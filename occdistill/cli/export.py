@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if precision in files:
             # Reported, not asserted: reduced precision is judged by its mIoU change.
             p = check_parity(model, OnnxOccModel(files[precision], threads=args.threads), inputs,
-                             max_abs_bound=None, agreement_bound=None, raise_on_failure=False, verbose=False)
+                             logit_tolerance=None, agreement_bound=None, raise_on_failure=False, verbose=False)
             parity[precision] = p
             size_mb = variants[precision]["size_bytes"] / 2**20
             print(f"parity {precision} vs eager: {p.summary()}; file {size_mb:.1f} MB")

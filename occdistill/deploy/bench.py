@@ -729,7 +729,10 @@ VARIANTS = ENGINES  # a variant is ENGINE or ENGINE@THREADS, e.g. "eager@1"
 DEFAULT_VARIANTS = ("eager", "compile", "ort-fp32", "ort-fp16", "ort-int8")
 ORT_PRECISION = {"ort-fp32": "fp32", "ort-fp16": "fp16", "ort-int8": "int8"}
 # (library, n, intra-op threads: 0 = the bench's count); numpy uses its BLAS's own thread count.
-MATMUL_CONFIGS = (("torch", 2048, 0), ("torch", 4096, 0), ("torch", 2048, 1), ("torch", 4096, 1), ("numpy", 2048, 0))
+# onnxruntime's MatMul (MLAS) is included: on this AMD CPU torch's MKL sgemm runs well below the
+# AVX-512 kernels MLAS uses, and the roofline denominator must be the best dense matmul available.
+MATMUL_CONFIGS = (("torch", 2048, 0), ("torch", 4096, 0), ("torch", 2048, 1), ("torch", 4096, 1), ("numpy", 2048, 0),
+                  ("onnxruntime", 2048, 0), ("onnxruntime", 2048, 1))
 SIDE_BY_SIDE_MEMORY_KIND = (
     "peak RSS increase (VmHWM after clear_refs) while building the engine from scratch (eager: copy of the "
     "weights; compile: copy + compilation; onnxruntime: session from the file) and running one inference"
@@ -908,7 +911,20 @@ def _time_matmul(lib: str, n: int, cache: dict, threads: int) -> float:
         gen = np.random.default_rng(n)
         a, b = gen.standard_normal((n, n), dtype=np.float32), gen.standard_normal((n, n), dtype=np.float32)
         cache[key] = (torch.from_numpy(a), torch.from_numpy(b)) if lib == "torch" else (a, b)
+    if lib == "onnxruntime":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:  # optional for the eager-only bench
+            return float("nan")
     a, b = cache[key]
+    if lib == "onnxruntime":
+        skey = ("session", n, threads)
+        if skey not in cache:
+            cache[skey] = _ort_matmul_session(n, threads)
+        sess = cache[skey]
+        t = time.perf_counter()
+        sess.run(None, {"a": a, "b": b})
+        return time.perf_counter() - t
     torch.set_num_threads(threads)
     t = time.perf_counter()
     if lib == "torch":
@@ -916,6 +932,23 @@ def _time_matmul(lib: str, n: int, cache: dict, threads: int) -> float:
     else:
         np.matmul(a, b)
     return time.perf_counter() - t
+
+
+def _ort_matmul_session(n: int, threads: int) -> Any:
+    """An onnxruntime session of one (n, n) x (n, n) float32 MatMul."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", [vi("a"), vi("b")], [vi("c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def count_export_flops(model: DenseStudent, rig: Rig, batch: int = 1) -> int:
@@ -1057,7 +1090,7 @@ def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, inpu
     eng_t: dict[str, list[float]] = {n: [] for n in engines}
     e2e_t: dict[str, list[float]] = {n: [] for n in engines}
     pre_t: list[float] = []
-    mm_keys = [(lib, n, t or threads, f"{lib} {n}" + (f"@{t or threads}" if lib == "torch" else ""))
+    mm_keys = [(lib, n, t or threads, f"{lib} {n}" + (f"@{t or threads}" if lib != "numpy" else ""))
                for lib, n, t in MATMUL_CONFIGS]
     mm_keys = list({key: (lib, n, t, key) for lib, n, t, key in mm_keys}.values())  # threads may coincide
     mm_t: dict[str, list[float]] = {key: [] for *_, key in mm_keys}
@@ -1089,12 +1122,14 @@ def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, inpu
                     pre_t.append(t1 - t0)
         lib, n, t, key = mm_keys[rep % len(mm_keys)]
         dt = _time_matmul(lib, n, mm_cache, t)
-        if rep >= len(mm_keys):  # the first call per config pays allocation and warm-up
+        if rep >= len(mm_keys) and dt == dt:  # the first call per config pays allocation and warm-up; nan: n/a
             mm_t[key].append(dt)
     mm_cache.clear()
     if not any(mm_t.values()):  # fewer rounds than configs: time each once more
         for lib, n, t, key in mm_keys:
-            mm_t[key].append(_time_matmul(lib, n, mm_cache, t))
+            dt = _time_matmul(lib, n, mm_cache, t)
+            if dt == dt:
+                mm_t[key].append(dt)
         mm_cache.clear()
     mm_medians = {key: _r(2 * n**3 / float(np.median(mm_t[key])) / 1e9, 1) for _, n, _, key in mm_keys if mm_t[key]}
     mm_best = {key: _r(2 * n**3 / float(np.min(mm_t[key])) / 1e9, 1) for _, n, _, key in mm_keys if mm_t[key]}
@@ -1146,7 +1181,8 @@ def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, inpu
     else:
         notes.append("no dataset: end-to-end not measured")
     notes.append("roofline: model FLOPs / median latency over the best dense float32 matmul throughput measured "
-                 "in the same rounds (fastest sample over torch 2048/4096 at 1 and all threads, numpy 2048)")
+                 "in the same rounds (fastest sample over torch 2048/4096 and onnxruntime MatMul 2048 at 1 and all "
+                 "threads, numpy 2048)")
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return SideBySideResult(

@@ -65,8 +65,9 @@ RIG_WARNING = (
     "camera rig baked in: this model is valid ONLY for the calibration (intrinsics, image transform, "
     "camera poses, camera order, image size) it was exported with; re-export for another rig"
 )
-# Parity bounds of an FP32 export against eager PyTorch (issue: argmax agreement >= 99.9%).
-MAX_ABS_LOGIT_DIFF = 1e-3
+# Parity bounds of an FP32 export against eager PyTorch: |logit diff| <= LOGIT_TOLERANCE x
+# max(1, max |logit|), argmax agreement >= 99.9% (the deployment issue's bound).
+LOGIT_TOLERANCE = 1e-4
 MIN_ARGMAX_AGREEMENT = 0.999
 
 
@@ -821,7 +822,7 @@ class _Logits:
 class OnnxEvalAdapter(nn.Module):
     """An :class:`OnnxOccModel` behind the model interface ``engine.evaluate`` calls
     (``model(images, intrinsics, img_from_raw, ego_from_cam).voxel_logits``), checking the rig of
-    every batch. Batches must have the export's batch size."""
+    every batch. A batch shorter than the export's is padded."""
 
     def __init__(self, onnx_model: OnnxOccModel):
         super().__init__()
@@ -833,7 +834,11 @@ class OnnxEvalAdapter(nn.Module):
         for b in range(images.shape[0]):
             check = self.onnx_model.check_rig(intrinsics[b], img_from_raw[b], ego_from_cam[b])
             self.max_shift_m = max(self.max_shift_m, check.max_shift_m)
-        out = self.onnx_model.run(self.onnx_model.prepare(images), ["logits"])["logits"]
+        x = self.onnx_model.prepare(images)
+        batch = self.onnx_model.input_shape[0]
+        if x.shape[0] < batch:  # the last, short batch of a split: pad with its last frame
+            x = np.concatenate([x, np.repeat(x[-1:], batch - x.shape[0], axis=0)])
+        out = self.onnx_model.run(x, ["logits"])["logits"][: images.shape[0]]
         return _Logits(torch.from_numpy(out))
 
 
@@ -860,36 +865,44 @@ def evaluate_onnx(onnx_model: OnnxOccModel, dataset: Any, *, rayiou: bool = Fals
 
 @dataclass(frozen=True)
 class Parity:
-    """onnxruntime vs eager PyTorch (same rig, same inputs): largest |logit difference|, share of
-    voxels whose argmax agrees, and over how many voxels/frames. ``ok``: within the bounds (None: not checked)."""
+    """onnxruntime vs eager PyTorch (same rig, same inputs): largest and mean |logit difference|,
+    largest |logit| (the scale), share of voxels whose argmax agrees, over how many voxels/frames.
+
+    ``ok``: max |diff| <= ``logit_tolerance`` x max(1, max |logit|) (float32 reassociation errors
+    grow with the logits' scale: ~2e-5 relative for trained street-tiny, whose logits reach ~40)
+    and agreement >= ``agreement_bound``; a None bound is not checked."""
 
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
+    max_abs_logit: float
     argmax_agreement: float
     voxels: int
     frames: int
-    max_abs_bound: float | None = MAX_ABS_LOGIT_DIFF
+    logit_tolerance: float | None = LOGIT_TOLERANCE
     agreement_bound: float | None = MIN_ARGMAX_AGREEMENT
-    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def allowed_logit_diff(self) -> float | None:
+        return None if self.logit_tolerance is None else self.logit_tolerance * max(1.0, self.max_abs_logit)
 
     @property
     def ok(self) -> bool:
-        return ((self.max_abs_bound is None or self.max_abs_logit_diff <= self.max_abs_bound)
+        return ((self.logit_tolerance is None or self.max_abs_logit_diff <= self.allowed_logit_diff)
                 and (self.agreement_bound is None or self.argmax_agreement >= self.agreement_bound))
 
     def summary(self) -> str:
         bounds = []
-        if self.max_abs_bound is not None:
-            bounds.append(f"<= {self.max_abs_bound:g}")
+        if self.logit_tolerance is not None:
+            bounds.append(f"|diff| <= {self.allowed_logit_diff:.3g} = {self.logit_tolerance:g} x max(1, max|logit|)")
         if self.agreement_bound is not None:
-            bounds.append(f">= {100 * self.agreement_bound:.1f}%")
-        verdict = (("PASS" if self.ok else "FAIL") + f" (bounds {', '.join(bounds)})") if bounds else "not checked"
+            bounds.append(f"agreement >= {100 * self.agreement_bound:.1f}%")
+        verdict = (("PASS" if self.ok else "FAIL") + f" ({', '.join(bounds)})") if bounds else "not checked"
         return (f"parity over {self.frames} frame(s), {self.voxels} voxels: max |logit diff| "
-                f"{self.max_abs_logit_diff:.3g}, mean {self.mean_abs_logit_diff:.3g}, argmax agreement "
-                f"{100 * self.argmax_agreement:.4f}% -> {verdict}")
+                f"{self.max_abs_logit_diff:.3g} (max |logit| {self.max_abs_logit:.3g}), mean "
+                f"{self.mean_abs_logit_diff:.3g}, argmax agreement {100 * self.argmax_agreement:.4f}% -> {verdict}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "allowed_logit_diff": self.allowed_logit_diff, "ok": self.ok}
 
 
 def check_parity(
@@ -897,17 +910,17 @@ def check_parity(
     onnx_model: OnnxOccModel | str | Path,
     inputs: Sequence[torch.Tensor | np.ndarray],
     *,
-    max_abs_bound: float | None = MAX_ABS_LOGIT_DIFF,
+    logit_tolerance: float | None = LOGIT_TOLERANCE,
     agreement_bound: float | None = MIN_ARGMAX_AGREEMENT,
     threads: int | None = None,
     raise_on_failure: bool = True,
     verbose: bool = True,
 ) -> Parity:
     """Run the eager model (a copy switched to the export's baked rig) and onnxruntime on the same
-    ``inputs`` (each one graph input, in the export's layout) and compare the logits.
+    ``inputs`` (each one graph input, in the export's layout) and compare the logits and labels.
 
     Prints :meth:`Parity.summary` (``verbose``) and raises :class:`OccDistillError` outside the
-    bounds when ``raise_on_failure``.
+    bounds when ``raise_on_failure``. Pass None bounds for reduced-precision variants (reported only).
     """
     import copy
 
@@ -917,19 +930,22 @@ def check_parity(
     # A copy: the wrapper switches its model to the baked rig's pooling; the caller's stays as it is.
     wrapper = ExportWrapper(copy.deepcopy(model), ort_model.rig, batch=ort_model.input_shape[0],
                             input_format=ort_model.input_format).eval()
-    max_diff, sum_diff, agree, voxels = 0.0, 0.0, 0, 0
+    max_diff, sum_diff, logits_n, max_logit, agree, voxels = 0.0, 0.0, 0, 0.0, 0, 0
     for x in inputs:
         x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         with torch.inference_mode():
             ref_logits, ref_labels = wrapper(torch.from_numpy(x_np).to(device))
         got = ort_model.run(x_np)
-        diff = np.abs(got["logits"].astype(np.float64) - ref_logits.cpu().numpy().astype(np.float64))
+        ref = ref_logits.cpu().numpy().astype(np.float64)
+        diff = np.abs(got["logits"].astype(np.float64) - ref)
         max_diff = max(max_diff, float(diff.max()))
-        sum_diff += float(diff.sum()) / diff.shape[-1]
+        max_logit = max(max_logit, float(np.abs(ref).max()))
+        sum_diff += float(diff.sum())
+        logits_n += diff.size
         agree += int((got["labels"] == ref_labels.cpu().numpy()).sum())
         voxels += int(got["labels"].size)
-    parity = Parity(max_diff, sum_diff / max(voxels, 1), agree / max(voxels, 1), voxels, len(inputs),
-                    max_abs_bound, agreement_bound)
+    parity = Parity(max_diff, sum_diff / max(logits_n, 1), max_logit, agree / max(voxels, 1), voxels, len(inputs),
+                    logit_tolerance, agreement_bound)
     if verbose:
         print(f"{ort_model.path.name}: {parity.summary()}")
     if raise_on_failure and not parity.ok:

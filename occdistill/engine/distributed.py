@@ -82,6 +82,13 @@ def cpu_threads(requested: int, workers: int) -> int:
     return max(1, cpus // local_procs - workers)
 
 
+def metric_device(ctx: DistContext, device: torch.device) -> torch.device:
+    """Where metric counts accumulate: the CPU, except under NCCL, which reduces CUDA tensors only."""
+    if ctx.distributed and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from occdistill.data.build import Dataset
 from occdistill.data.occ3d import Occ3DDataset
 from occdistill.engine.data import eval_loader
-from occdistill.engine.distributed import DistContext
+from occdistill.engine.distributed import DistContext, metric_device
 from occdistill.engine.objective import forward_batch, predict_labels
 from occdistill.engine.precision import autocast
 from occdistill.io import atomic_save_npz
@@ -53,12 +53,12 @@ def evaluate(
     layout ``occdistill score`` reads (Occ-ScanNet tokens are ``<scene>/<frame>``).
     """
     occ3d = isinstance(dataset, Occ3DDataset)
-    classes = dataset.classes
+    classes, counts_on = dataset.classes, metric_device(ctx, device)
     if occ3d:
-        voxel_acc = Occ3DAccumulator(classes=classes)
-        ray_acc = RayIoUAccumulator(classes=classes, grid=dataset.grid) if rayiou else None
+        voxel_acc = Occ3DAccumulator(classes=classes, device=counts_on)
+        ray_acc = RayIoUAccumulator(classes=classes, grid=dataset.grid, device=counts_on) if rayiou else None
     else:
-        scannet_acc = OccScanNetAccumulator(classes=classes)
+        scannet_acc = OccScanNetAccumulator(classes=classes, device=counts_on)
     was_training = model.training
     model.eval()
     loader = eval_loader(dataset, ctx, batch_size, workers)

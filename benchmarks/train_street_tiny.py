@@ -76,8 +76,10 @@ def flashocc_m0_step() -> dict:
     poses = torch.eye(4).repeat(1, cams, 1, 1)
     for n in range(cams):
         yaw = torch.tensor(n * torch.pi / 3)
-        forward, left = torch.stack([yaw.cos(), yaw.sin(), torch.tensor(0.0)]), torch.stack([-yaw.sin(), yaw.cos(), torch.tensor(0.0)])
-        poses[0, n, :3, :3] = torch.stack([-left, torch.tensor([0.0, 0.0, -1.0]), forward], dim=1)  # OpenCV x right, y down, z forward
+        forward = torch.stack([yaw.cos(), yaw.sin(), torch.tensor(0.0)])
+        left = torch.stack([-yaw.sin(), yaw.cos(), torch.tensor(0.0)])
+        # camera axes in the ego frame (OpenCV: x right, y down, z forward)
+        poses[0, n, :3, :3] = torch.stack([-left, torch.tensor([0.0, 0.0, -1.0]), forward], dim=1)
         poses[0, n, :3, 3] = torch.tensor([0.0, 0.0, 1.5])
     images = torch.rand(1, cams, 3, h, w)
     labels = torch.randint(0, 18, (1, *model.grid.shape))
@@ -110,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     m0 = None if args.skip_m0 else flashocc_m0_step()
 
     t0 = time.perf_counter()
-    data = generate("street", args.data, args.scenes, args.frames, args.seed, overrides=[f"split.val_scenes={args.val_scenes}"],
-                    workers=2, progress=False)
+    data = generate("street", args.data, args.scenes, args.frames, args.seed,
+                    overrides=[f"split.val_scenes={args.val_scenes}"], workers=2, progress=False)
     synth_seconds = time.perf_counter() - t0
     cfg = load_train_config("street-tiny", [
         f"data.root={data.out}", f"data.train_split={data.splits['train']}", f"data.val_split={data.splits['val']}",
-        f"optim.max_steps={args.steps}", f"runtime.seed={args.seed}", "runtime.progress=false", "runtime.eval_every=408",
-        *args.overrides,
+        f"optim.max_steps={args.steps}", f"runtime.seed={args.seed}", "runtime.progress=false",
+        "runtime.eval_every=408", *args.overrides,
     ])
 
     samples_per_s_loader = loader_rate(cfg)
@@ -170,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'predictor':<16}" + "".join(f"{k:>11}" for k in keys))
     for name, r in rows.items():
         print(f"{name:<16}" + "".join(f"{r[k]:>11.2f}" if r[k] is not None else f"{'-':>11}" for k in keys))
-    t = report["training"]
+    t, rates = report["training"], report["throughput"]
     print(f"\ntrained {t['steps']} steps ({t['epochs']} epochs) in {t['train_minutes']} min; "
-          f"loader {report['throughput']['loader_samples_per_s_2_workers']} samples/s vs training "
-          f"{report['throughput']['train_samples_per_s']} samples/s (x{report['throughput']['loader_over_train_ratio']})")
+          f"loader {rates['loader_samples_per_s_2_workers']} samples/s vs training "
+          f"{rates['train_samples_per_s']} samples/s (x{rates['loader_over_train_ratio']})")
     return 0
 
 

@@ -57,7 +57,8 @@ def test_train_writes_the_run_directory(trained):
 
 def test_eval_reports_and_saves_predictions_that_score_identically(trained, street, tmp_path, capsys):
     out, preds = tmp_path / "eval.json", tmp_path / "preds"
-    assert main(["eval", "--checkpoint", str(trained), "--json", str(out), "--save-pred", str(preds), "--workers", "0"]) == 0
+    args = ["--checkpoint", str(trained), "--json", str(out), "--save-pred", str(preds), "--workers", "0"]
+    assert main(["eval", *args]) == 0
     report = json.loads(out.read_text())
     assert report["step"] == 3 and report["weights"] == "ema" and report["num_samples"] == 2
     assert set(report["per_class"]) and report["mIoU"] is not None and report["RayIoU"] is not None

@@ -114,7 +114,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(street, tmp_path, m
 
     assert resumed.step == full.step == 6
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = (weights_digest(load_file(tmp_path / run / "checkpoints" / "step_000006" / name)) for run in ("full", "resumed"))
+        a, b = (weights_digest(load_file(tmp_path / run / "checkpoints" / "step_000006" / name))
+                for run in ("full", "resumed"))
         assert a == b, name
     logs = [[(r["step"], r["loss"]) for r in read_records(tmp_path / run / "log.jsonl") if r["type"] == "train"]
             for run in ("full", "resumed")]
@@ -180,9 +181,9 @@ def test_two_gloo_processes_hold_identical_weights_after_training(street, tmp_pa
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(run),
-           f"data.root={street}", *TINY, "data.batch_size=2", "optim.max_steps=2", "runtime.eval_rayiou=false",
-           "runtime.device=cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(run), f"data.root={street}", *TINY, "data.batch_size=2", "optim.max_steps=2",
+           "runtime.eval_rayiou=false", "runtime.device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -75,7 +75,8 @@ def test_builtin_configs_load_and_match_their_models():
         assert dense.backbone.depth == 50 and dense.context_channels == 64 and dense.bev_channels == bev
         assert round((dense.depth_bins[1] - dense.depth_bins[0]) / dense.depth_bins[2]) == bins
         assert dense.grid.voxel_grid().shape == (200, 200, 16)
-        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (1e-4, 1e-2, 5.0, 200)
+        optim = cfg.optim
+        assert (optim.lr, optim.weight_decay, optim.grad_clip, optim.warmup_steps) == (1e-4, 1e-2, 5.0, 200)
         assert cfg.loss.camera_mask and cfg.loss.class_weights == "none" and cfg.loss.depth_weight == 0
 
 

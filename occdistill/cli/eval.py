@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="dataset root (default: the checkpoint config's data.root)")
     parser.add_argument("--split", help="info pickle / split list (default: the config's data.val_split)")
     parser.add_argument("--json", type=Path, help="write the metrics report (percent) to this JSON file")
-    parser.add_argument("--save-pred", type=Path, metavar="DIR", help="also save predictions in the `occdistill score` format")
+    parser.add_argument("--save-pred", type=Path, metavar="DIR",
+                        help="also save predictions in the `occdistill score` format")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="evaluate the EMA weights (default, when the checkpoint has them) or the raw weights")
     parser.add_argument("--no-rayiou", action="store_true", help="skip RayIoU (voxel metrics only)")

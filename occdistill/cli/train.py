@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         args.overrides, args.config = [args.config, *args.overrides], None
     if args.config is None:
         if not args.resume:
-            raise OccDistillError("give a CONFIG (a built-in name such as street-tiny, or a YAML path), or --resume --out RUN")
+            raise OccDistillError(
+                "give a CONFIG (a built-in name such as street-tiny, or a YAML path), or --resume --out RUN"
+            )
         if args.out is None:
             raise OccDistillError("--resume without a CONFIG needs --out RUN (the run directory to continue)")
         saved = args.out / "config.yaml"

@@ -42,7 +42,8 @@ from occdistill.io import atomic_write_bytes, atomic_write_json
 
 FORMAT = "occdistill-checkpoint"
 VERSION = 1
-WEIGHTS, EMA_WEIGHTS, STATE, CONFIG, META = "model.safetensors", "ema.safetensors", "state.pt", "config.yaml", "meta.json"
+WEIGHTS, EMA_WEIGHTS, STATE = "model.safetensors", "ema.safetensors", "state.pt"
+CONFIG, META = "config.yaml", "meta.json"
 LATEST = "latest.json"
 
 
@@ -180,7 +181,9 @@ def find_checkpoint(path: str | Path) -> Path:
             if not (target / META).is_file():
                 raise OccDistillError(f"{latest}: points at {target}, which is not a complete checkpoint")
             return target
-    raise OccDistillError(f"{path}: not a checkpoint directory (no {META}) nor a run directory with checkpoints/{LATEST}")
+    raise OccDistillError(
+        f"{path}: not a checkpoint directory (no {META}) nor a run directory with checkpoints/{LATEST}"
+    )
 
 
 def _read_verified(ckpt: Path, fname: str, meta: dict) -> bytes:
@@ -212,7 +215,9 @@ def load_checkpoint(path: str | Path, *, with_state: bool = False) -> Checkpoint
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
         raise OccDistillError(f"{ckpt / META}: not an occdistill checkpoint")
     if meta.get("version") != VERSION:
-        raise OccDistillError(f"{ckpt / META}: checkpoint format version {meta.get('version')}, this code reads {VERSION}")
+        raise OccDistillError(
+            f"{ckpt / META}: checkpoint format version {meta.get('version')}, this code reads {VERSION}"
+        )
     _read_verified(ckpt, CONFIG, meta)
     config = load_config(TrainConfig, ckpt / CONFIG)
     state = None
@@ -237,7 +242,8 @@ def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], where: Pat
         result = module.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shape mismatches
         first = str(exc).strip().splitlines()
-        raise OccDistillError(f"{where}: weights do not fit the model ({' '.join(first[1:3]).strip() or first[0]})") from exc
+        detail = " ".join(first[1:3]).strip() or first[0]
+        raise OccDistillError(f"{where}: weights do not fit the model ({detail})") from exc
     if result.missing_keys or result.unexpected_keys:
         raise OccDistillError(
             f"{where}: weights do not fit the model ({len(result.missing_keys)} missing, e.g. "

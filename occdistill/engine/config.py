@@ -139,7 +139,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     builtin = CONFIG_DIR / f"{name_or_path}.yaml"
     if path.suffix == "" and builtin.is_file():
         return builtin
-    raise ConfigError(f"{name_or_path}: no such config file or built-in config (built-in: {', '.join(builtin_configs())})")
+    names = ", ".join(builtin_configs())
+    raise ConfigError(f"{name_or_path}: no such config file or built-in config (built-in: {names})")
 
 
 def load_train_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

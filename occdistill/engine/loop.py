@@ -126,12 +126,17 @@ def _check_fits(cfg: TrainConfig, model: nn.Module, dataset: Dataset) -> None:
     """The model must predict the dataset's grid and classes from images of the loader's size."""
     grid, data_grid = model.grid, dataset.grid
     if grid.shape != data_grid.shape or not np.allclose(grid.range, data_grid.range):
-        raise ConfigError(f"model grid {grid.range} {grid.shape} does not match the dataset grid {data_grid.range} {data_grid.shape}")
+        raise ConfigError(
+            f"model grid {grid.range} {grid.shape} does not match the dataset grid {data_grid.range} {data_grid.shape}"
+        )
     num_classes = cfg.model.selected.num_classes
     if num_classes != dataset.classes.num_classes:
-        raise ConfigError(f"model num_classes={num_classes}, the {dataset.classes.name} labels have {dataset.classes.num_classes}")
-    if tuple(cfg.model.selected.image_size) != tuple(cfg.data.image_aug.final_size):
-        raise ConfigError(f"model image_size {cfg.model.selected.image_size} != data.image_aug.final_size {cfg.data.image_aug.final_size}")
+        raise ConfigError(
+            f"model num_classes={num_classes}, the {dataset.classes.name} labels have {dataset.classes.num_classes}"
+        )
+    image_size, final_size = tuple(cfg.model.selected.image_size), tuple(cfg.data.image_aug.final_size)
+    if image_size != final_size:
+        raise ConfigError(f"model image_size {image_size} != data.image_aug.final_size {final_size}")
 
 
 def _restore(ckpt: Checkpoint, model: nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
@@ -169,8 +174,8 @@ class _LossWindow:
         if steps == 0:
             return None
         means = {k: v / steps for k, v in zip(names, sums)}
-        return {"loss": means.pop("total"), **means, "samples_per_s": steps * samples_per_step / (seconds / ctx.world_size),
-                "step_seconds": seconds / steps}
+        rate = steps * samples_per_step / (seconds / ctx.world_size)
+        return {"loss": means.pop("total"), **means, "samples_per_s": rate, "step_seconds": seconds / steps}
 
 
 def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> TrainResult:
@@ -184,7 +189,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
         if changed:
             raise ConfigError(f"{run_dir}: cannot resume with a different config (changed: {', '.join(changed)})")
         if ckpt.state["world_size"] != ctx.world_size:
-            raise ConfigError(f"{ckpt.path}: saved with {ckpt.state['world_size']} processes, resuming with {ctx.world_size}")
+            saved = ckpt.state["world_size"]
+            raise ConfigError(f"{ckpt.path}: saved with {saved} processes, resuming with {ctx.world_size}")
     elif (ckpt_root / "latest.json").exists():
         raise OccDistillError(f"{run_dir}: already holds a training run; use --resume to continue it, or another --out")
 
@@ -294,9 +300,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
                     tqdm.write(f"occdistill train: {message}", file=sys.stderr)
                     history.write({"type": "bad_step", "step": step, "message": message})
                 if bad_steps > rt.max_bad_steps:
-                    raise OccDistillError(
-                        f"training stopped at step {step}: {bad_steps} non-finite steps (runtime.max_bad_steps={rt.max_bad_steps})"
-                    )
+                    raise OccDistillError(f"training stopped at step {step}: {bad_steps} non-finite steps "
+                                          f"(runtime.max_bad_steps={rt.max_bad_steps})")
             else:
                 scaler.step(optimizer)  # fp16 with overflowing gradients: skipped by the scaler
                 if ema is not None:
@@ -326,8 +331,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
         report = validate()
     broadcast_buffers(model, ctx)
     if ctx.is_main:
-        atomic_write_json(run_dir / "metrics.json", {"step": step, "bad_steps": bad_steps, "train_seconds": train_seconds,
-                                                     "weights": "ema" if ema else "model", "metrics": report})
+        summary = {"step": step, "bad_steps": bad_steps, "train_seconds": train_seconds,
+                   "weights": "ema" if ema else "model", "metrics": report}
+        atomic_write_json(run_dir / "metrics.json", summary)
         history.close()
     return TrainResult(run_dir=run_dir, step=step, model=model, ema=ema, metrics=report, bad_steps=bad_steps,
                        seconds=train_seconds)

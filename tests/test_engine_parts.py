@@ -154,5 +154,9 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_file(tmp_path):
 
 
 def test_model_kind_table_builds_the_configured_model():
-    model = build_model(ModelConfig())
-    assert type(model) is MODEL_KINDS["dense"][1]
+    # flashocc-m0 as configured (its CPU forward/backward is in benchmarks/train_street_tiny.py)
+    cfg = load_train_config("flashocc-m0").model
+    model = build_model(cfg)
+    assert type(model) is MODEL_KINDS[cfg.kind][1] and isinstance(cfg, ModelConfig)
+    assert model.grid.shape == (200, 200, 16) and model.view_transform.depth_bins.num_bins == 44
+    assert 39e6 < sum(p.numel() for p in model.parameters()) < 45e6  # FlashOcc M0: 39.94M

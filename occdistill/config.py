@@ -73,6 +73,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"config key {where!r}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept any spelling Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {where!r}: expected a number, got {value!r}")
         return float(value)

@@ -104,3 +104,10 @@ def test_partial_section_overlays_the_parent_default(tmp_path):
     assert load_config(Preset, p).optim == Optim(lr=0.25, schedule="constant")
     with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
         load_config(Preset, p, ["optim.lrr=1"])
+
+
+def test_exponent_without_dot_is_a_float():
+    # PyYAML (YAML 1.1) parses 1e-3 as a string; a float field must still accept it.
+    assert load_config(Root, None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="'optim.lr': expected a number"):
+        load_config(Root, None, ["optim.lr=fast"])

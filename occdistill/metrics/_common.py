@@ -72,3 +72,39 @@ def single_thread(device: torch.device | str | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+class ConfusionCounts:
+    """Shared state of the voxel accumulators: a pooled (K, K) int64 confusion matrix (rows GT,
+    columns prediction) on ``self.device`` and the number of samples, with the reset, counting,
+    merging and cross-process sum they all need."""
+
+    confusion: torch.Tensor
+    num_samples: int
+    device: torch.device
+
+    def _init_counts(self, num_classes: int) -> None:
+        self.confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=self.device)
+        self.num_samples = 0
+
+    def reset(self) -> None:
+        self.confusion.zero_()
+        self.num_samples = 0
+
+    def _count(self, bins: torch.Tensor, samples: int) -> None:
+        """Add flat bin indices ``g*K + p``; the extra bin K*K collects voxels that do not count."""
+        k2 = self.confusion.numel()
+        counts = torch.bincount(bins.reshape(-1), minlength=k2 + 1)
+        self.confusion += counts[:k2].reshape(self.confusion.shape)
+        self.num_samples += samples
+
+    def _merge_counts(self, other: "ConfusionCounts") -> None:
+        self.confusion += other.confusion.to(self.device)
+        self.num_samples += other.num_samples
+
+    def all_reduce(self) -> None:
+        """Sum the counts over all processes (no-op when not distributed)."""
+        n = torch.tensor([self.num_samples], dtype=torch.int64, device=self.device)
+        reduce_sum_distributed(self.confusion)
+        reduce_sum_distributed(n)
+        self.num_samples = int(n.item())

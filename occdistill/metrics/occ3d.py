@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from occdistill.data.classes import OCC3D_NUSCENES, ClassTable
-from occdistill.metrics._common import single_thread, as_bool_tensor, as_label_tensor, nanmean, reduce_sum_distributed
+from occdistill.metrics._common import ConfusionCounts, as_bool_tensor, as_label_tensor, nanmean, single_thread
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Occ3DMetrics:
 
 
 @dataclass
-class Occ3DAccumulator:
+class Occ3DAccumulator(ConfusionCounts):
     """Streaming devkit mIoU: ``update`` per sample or batch, ``merge``/``all_reduce``, ``compute``.
 
     ``use_mask=True`` is the official protocol (``mask_camera``); with False every voxel counts.
@@ -82,14 +82,10 @@ class Occ3DAccumulator:
     def __post_init__(self) -> None:
         self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
         K = self.classes.num_classes
-        self.confusion = torch.zeros((K, K), dtype=torch.int64, device=self.device)
+        self._init_counts(K)
         # Bin index g*K + p fits int16 (faster bincount) for every table we have; one extra bin
         # collects the voxels outside the mask or with GT outside the table.
         self._index_dtype = torch.int16 if 2 * K * K < 2**15 else torch.int32
-
-    def reset(self) -> None:
-        self.confusion.zero_()
-        self.num_samples = 0
 
     def update(
         self,
@@ -132,23 +128,13 @@ class Occ3DAccumulator:
         idx = g.to(dt) * K + p.to(dt)
         if drop is not None:
             idx += drop.to(dt) * (K * K)
-        counts = torch.bincount(idx.reshape(-1), minlength=K * K + 1)
-        self.confusion += counts[: K * K].reshape(K, K)
-        self.num_samples += 1 if p.dim() == 3 else p.shape[0]
+        self._count(idx, 1 if p.dim() == 3 else p.shape[0])
 
     def merge(self, other: "Occ3DAccumulator") -> "Occ3DAccumulator":
         if other.classes != self.classes or other.use_mask != self.use_mask:
             raise ValueError("cannot merge Occ3D accumulators with different classes or mask settings")
-        self.confusion += other.confusion.to(self.device)
-        self.num_samples += other.num_samples
+        self._merge_counts(other)
         return self
-
-    def all_reduce(self) -> None:
-        """Sum the confusion matrix over all processes (no-op when not distributed)."""
-        n = torch.tensor([self.num_samples], dtype=torch.int64, device=self.device)
-        reduce_sum_distributed(self.confusion)
-        reduce_sum_distributed(n)
-        self.num_samples = int(n.item())
 
     def compute(self) -> Occ3DMetrics:
         return occ3d_metrics_from_confusion(self.confusion.cpu().numpy(), self.classes, self.num_samples)

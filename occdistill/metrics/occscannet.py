@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from occdistill.data.classes import OCC_SCANNET, ClassTable
-from occdistill.metrics._common import single_thread, as_label_tensor, reduce_sum_distributed
+from occdistill.metrics._common import ConfusionCounts, as_label_tensor, single_thread
 
 PROTOCOLS = {
     "iso": "ISO (hongxiaoy/ISO): target 255 -> empty before SSCMetrics; all voxels evaluated; "
@@ -67,7 +67,7 @@ class OccScanNetMetrics:
 
 
 @dataclass
-class OccScanNetAccumulator:
+class OccScanNetAccumulator(ConfusionCounts):
     """Streaming ISO metrics: ``update`` per frame or batch, ``merge``/``all_reduce``, ``compute``."""
 
     classes: ClassTable = OCC_SCANNET
@@ -79,12 +79,7 @@ class OccScanNetAccumulator:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         self.device = torch.device(self.device) if self.device is not None else torch.device("cpu")
-        K = self.classes.num_classes
-        self.confusion = torch.zeros((K, K), dtype=torch.int64, device=self.device)
-
-    def reset(self) -> None:
-        self.confusion.zero_()
-        self.num_samples = 0
+        self._init_counts(self.classes.num_classes)
 
     def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
         """pred: (X, Y, Z) or (B, X, Y, Z) class ids in 0..K-1 (argmax of the logits);
@@ -114,22 +109,13 @@ class OccScanNetAccumulator:
             idx = torch.where(unknown, p.to(torch.int64), idx)  # target 255 -> 0 (empty)
         else:
             idx = torch.where(unknown, K * K, idx)  # excluded
-        counts = torch.bincount(idx.reshape(-1), minlength=K * K + 1)
-        self.confusion += counts[: K * K].reshape(K, K)
-        self.num_samples += 1 if p.dim() == 3 else p.shape[0]
+        self._count(idx, 1 if p.dim() == 3 else p.shape[0])
 
     def merge(self, other: "OccScanNetAccumulator") -> "OccScanNetAccumulator":
         if other.classes != self.classes or other.protocol != self.protocol:
             raise ValueError("cannot merge Occ-ScanNet accumulators with different classes or protocols")
-        self.confusion += other.confusion.to(self.device)
-        self.num_samples += other.num_samples
+        self._merge_counts(other)
         return self
-
-    def all_reduce(self) -> None:
-        n = torch.tensor([self.num_samples], dtype=torch.int64, device=self.device)
-        reduce_sum_distributed(self.confusion)
-        reduce_sum_distributed(n)
-        self.num_samples = int(n.item())
 
     def compute(self) -> OccScanNetMetrics:
         hist = self.confusion.cpu().numpy()

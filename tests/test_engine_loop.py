@@ -93,10 +93,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(street, tmp_path, m
             "runtime.ema_decay=0.9", "runtime.ema_ramp_steps=2", "runtime.eval_rayiou=false"]
     full = train(tiny(street, *args), tmp_path / "full")
 
-    import occdistill.engine.loop as loop
+    import occdistill.engine.tasks as tasks
 
     calls = {"n": 0}
-    real_losses = loop.supervised_losses
+    real_losses = tasks.supervised_losses
 
     def dies_in_step_4(*a, **kw):  # micro-batch 7 = first half of step 4 (0-based 3)
         calls["n"] += 1
@@ -104,10 +104,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run_bitwise(street, tmp_path, m
             raise _Killed
         return real_losses(*a, **kw)
 
-    monkeypatch.setattr(loop, "supervised_losses", dies_in_step_4)
+    monkeypatch.setattr(tasks, "supervised_losses", dies_in_step_4)
     with pytest.raises(_Killed):
         train(tiny(street, *args), tmp_path / "resumed")
-    monkeypatch.setattr(loop, "supervised_losses", real_losses)
+    monkeypatch.setattr(tasks, "supervised_losses", real_losses)
     assert json.loads((tmp_path / "resumed" / "checkpoints" / "latest.json").read_text())["step"] == 2
     # The resumed half loads with 2 worker processes: the sample stream must not depend on it.
     resumed = train(tiny(street, *args, "data.workers=2"), tmp_path / "resumed", resume=True)
@@ -133,9 +133,9 @@ def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_director
 
 
 def test_non_finite_steps_are_skipped_reported_and_stop_training_when_too_many(street, tmp_path, monkeypatch):
-    import occdistill.engine.loop as loop
+    import occdistill.engine.tasks as tasks
 
-    real_losses = loop.supervised_losses
+    real_losses = tasks.supervised_losses
     calls = {"n": 0}
 
     def nan_on_calls_2_and_3(*a, **kw):
@@ -145,7 +145,7 @@ def test_non_finite_steps_are_skipped_reported_and_stop_training_when_too_many(s
             terms["total"] = terms["total"] * float("nan")
         return terms
 
-    monkeypatch.setattr(loop, "supervised_losses", nan_on_calls_2_and_3)
+    monkeypatch.setattr(tasks, "supervised_losses", nan_on_calls_2_and_3)
     cfg = tiny(street, "data.batch_size=2", "optim.max_steps=4", "data.val_split=", "runtime.ema_decay=0")
     result = train(cfg, tmp_path / "ok")
     assert result.bad_steps == 2 and result.step == 4

@@ -84,7 +84,7 @@ def test_builtin_configs_load_and_match_their_models():
     "name, overrides, message",
     [
         ("street-tiny", ["optim.lrr=1"], "unknown config key 'optim.lrr'; did you mean 'lr'?"),
-        ("street-tiny", ["model.kind=sparse"], "model.kind"),
+        ("street-tiny", ["model.kind=diffusion"], "model.kind"),
         ("street-tiny", ["optim.accum_steps=0"], "accum_steps"),
         ("no-such-config", [], "no-such-config: no such config file or built-in config (built-in: "),
     ],

@@ -35,25 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from occdistill.engine.checkpoint import load_checkpoint, load_weights
+    from occdistill.engine.checkpoint import load_trained_model
     from occdistill.engine.data import open_split
     from occdistill.engine.distributed import DistContext, resolve_device
     from occdistill.engine.evaluate import evaluate
     from occdistill.errors import OccDistillError
     from occdistill.io import atomic_write_json
     from occdistill.metrics import format_table
-    from occdistill.models.build import build_model
 
     if args.batch_size < 1 or args.workers < 0:
         raise OccDistillError("--batch-size must be >= 1 and --workers >= 0")
-    ckpt = load_checkpoint(args.checkpoint)
+    trained = load_trained_model(args.checkpoint, args.weights)
+    ckpt, model, use_ema = trained.checkpoint, trained.model, trained.ema
     cfg = ckpt.config
     if args.split is None and not cfg.data.val_split:
         raise OccDistillError(f"{ckpt.path}: the config has no data.val_split; pass --split")
     dataset = open_split(cfg.data, "val", augment=False, root=args.data, split_path=args.split)
-    model = build_model(cfg.model)
-    use_ema = args.weights == "ema" and ckpt.ema_weights is not None
-    load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)
     device = resolve_device(args.device, DistContext())
     report = evaluate(model.to(device), dataset, device, batch_size=args.batch_size, workers=args.workers,
                       rayiou=not args.no_rayiou, amp=cfg.runtime.amp, save_pred=args.save_pred, progress=True)

@@ -287,7 +287,7 @@ def count_stage_flops(model: DenseStudent, inputs: EngineInputs) -> dict[str, in
 # ---------------------------------------------------------------------------------------------
 # model and inputs
 
-_TRAIN_SECTIONS = ("data", "model", "optim", "loss", "runtime")
+_TRAIN_SECTIONS = ("data", "model", "optim", "loss", "distill", "runtime")
 
 
 def _yaml_mapping(path: Path) -> dict:
@@ -337,14 +337,12 @@ def load_bench_model(
     if (config is None) == (checkpoint is None):
         raise OccDistillError("give exactly one of a config and a checkpoint")
     if checkpoint is not None:
-        from occdistill.engine.checkpoint import load_checkpoint, load_weights
+        from occdistill.engine.checkpoint import load_trained_model
 
-        ckpt = load_checkpoint(checkpoint)
-        model = build_model(ckpt.config.model)
-        use_ema = weights == "ema" and ckpt.ema_weights is not None
-        load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)
-        name = f"{ckpt.config.model.kind} ({ckpt.path}, step {ckpt.step}, {'ema' if use_ema else 'model'} weights)"
-        return BenchModel(model, name, ckpt.config.data)
+        trained = load_trained_model(checkpoint, weights)
+        ckpt = trained.checkpoint
+        name = f"{ckpt.config.model.kind} ({ckpt.path}, step {ckpt.step}, {'ema' if trained.ema else 'model'} weights)"
+        return BenchModel(trained.model, name, ckpt.config.data)
     path = resolve_config_path(config)
     if set(_yaml_mapping(path)) & set(_TRAIN_SECTIONS):
         cfg = load_train_config(path, list(overrides))

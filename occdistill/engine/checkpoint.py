@@ -249,3 +249,26 @@ def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], where: Pat
             f"{where}: weights do not fit the model ({len(result.missing_keys)} missing, e.g. "
             f"{result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]})"
         )
+
+
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a checkpoint's config with its weights loaded (CPU, eval mode)."""
+
+    model: nn.Module
+    checkpoint: Checkpoint
+    ema: bool  # the EMA weights were loaded (else the raw weights)
+
+
+def load_trained_model(path: str | Path, weights: str = "ema") -> TrainedModel:
+    """The model of a checkpoint or run directory: its EMA weights when ``weights == "ema"`` and
+    it has them, else the raw weights."""
+    from occdistill.models.build import build_model
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.config.model)
+    use_ema = weights == "ema" and ckpt.ema_weights is not None
+    load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)
+    return TrainedModel(model.eval(), ckpt, use_ema)

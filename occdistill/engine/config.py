@@ -2,7 +2,9 @@
 
 Sections: ``data`` (what to read and how to augment it), ``model`` (``kind`` + that kind's
 config), ``optim`` (AdamW, schedule, clipping, accumulation), ``loss`` (which voxels count, class
-weights, depth supervision) and ``runtime`` (seed, device, precision, EMA, evaluation, checkpoints).
+weights, depth supervision; ``loss.gaussian`` / ``loss.sparse`` for those model kinds),
+``distill`` (an optional teacher: a dump directory or a trained checkpoint, and the distillation
+weights) and ``runtime`` (seed, device, precision, EMA, evaluation, checkpoints).
 Built-in configs live in ``occdistill/configs/<name>.yaml``; :func:`resolve_config_path` accepts a
 bare name (``street-tiny``) or a path.
 """
@@ -15,7 +17,11 @@ from typing import Literal
 
 from occdistill.config import load_config
 from occdistill.data.augment import BevAugConfig, ImageAugConfig
+from occdistill.distill.discene import DiSceneWeights
 from occdistill.errors import ConfigError
+from occdistill.losses.distill import DistillLossConfig
+from occdistill.losses.gaussian import GaussianLossConfig
+from occdistill.losses.sparse import SparseLossConfig
 from occdistill.models.build import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -82,10 +88,47 @@ class LossConfig:
     class_weights: Literal["none", "inverse_log", "inverse_frequency"] = "none"
     class_weight_exponent: float = 0.5
     depth_weight: float = 0.0  # BEVDepth BCE on the depth bins; needs data.depth != none
+    # The other model kinds' objectives. kind gaussian: camera_mask and the CE weights come from
+    # loss.gaussian, the class weights from class_weights above; kind sparse: loss.sparse alone.
+    gaussian: GaussianLossConfig = field(default_factory=GaussianLossConfig)
+    sparse: SparseLossConfig = field(default_factory=SparseLossConfig)
 
     def __post_init__(self) -> None:
         if self.depth_weight < 0 or self.class_weight_exponent < 0:
             raise ValueError("loss.depth_weight and loss.class_weight_exponent must be >= 0")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Training with a teacher; neither ``dump`` nor ``checkpoint`` set = no distillation.
+
+    Offline (``dump``): targets written by ``occdistill dump-teacher`` for the training split,
+    paired by sample key and verified against the manifest (grid, classes, GT hashes), moved by
+    each sample's BEV augmentation. Dense students only.
+    Online (``checkpoint``): a trained teacher (run directory or checkpoint) run in eval mode under
+    no_grad on every training batch. A dense student takes a dense or Gaussian teacher (``dense``
+    weights), a sparse student a sparse teacher (DiScene levels, ``discene`` weights).
+    """
+
+    dump: str = ""
+    dump_source: Literal["auto", "compact", "fp16"] = "auto"  # auto: compact when the dump has it
+    checkpoint: str = ""
+    teacher_weights: Literal["ema", "model"] = "ema"  # ema: the teacher's EMA weights when it has them
+    dense: DistillLossConfig = field(default_factory=DistillLossConfig)  # MFD / CWD / KD
+    discene: DiSceneWeights = field(default_factory=DiSceneWeights)  # encoder / query / prior / anchor
+    teacher_guided_init: bool = False  # DiScene TGI: copy the teacher's decoder into the student at step 0
+    num_anchors: int = 0  # DiScene anchors per frame; 0 = the student's number of queries
+    anchor_rebalance: bool = True  # draw anchors with class rebalancing
+
+    def __post_init__(self) -> None:
+        if self.dump and self.checkpoint:
+            raise ValueError("distill: set dump (offline targets) or checkpoint (online teacher), not both")
+        if self.num_anchors < 0:
+            raise ValueError("distill.num_anchors must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dump or self.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -124,7 +167,16 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        kind = self.model.kind
+        if self.distill.dump and kind != "dense":
+            raise ValueError(f"distill.dump: offline teacher targets train dense students; model.kind is {kind!r}")
+        if self.distill.teacher_guided_init and (kind != "sparse" or not self.distill.checkpoint):
+            raise ValueError("distill.teacher_guided_init needs a sparse student (model.kind: sparse) and a sparse "
+                             "teacher (distill.checkpoint)")
 
 
 def builtin_configs() -> list[str]:

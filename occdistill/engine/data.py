@@ -8,7 +8,7 @@ loader workers and whether the run was resumed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -53,16 +53,18 @@ def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, r
     )
 
 
-def train_loader(dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, seed: int, epoch: int) -> DataLoader:
+def train_loader(dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, seed: int, epoch: int,
+                 collate_fn: Callable = collate) -> DataLoader:
     """A loader for one epoch (workers copy the dataset at start, so one loader per epoch after
-    ``set_epoch``). Its own generator keeps the global torch RNG untouched by loader start-up."""
+    ``set_epoch``). Its own generator keeps the global torch RNG untouched by loader start-up.
+    ``collate_fn``: :func:`collate`, or ``collate_distill`` for a dataset with teacher targets."""
     dataset.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),

@@ -20,8 +20,7 @@ from occdistill.data.build import Dataset
 from occdistill.data.occ3d import Occ3DDataset
 from occdistill.engine.data import eval_loader
 from occdistill.engine.distributed import DistContext, metric_device
-from occdistill.engine.objective import forward_batch, predict_labels
-from occdistill.engine.precision import autocast
+from occdistill.engine.tasks import predict_labels
 from occdistill.io import atomic_save_npz
 from occdistill.metrics import (
     Occ3DAccumulator,
@@ -64,9 +63,7 @@ def evaluate(
     loader = eval_loader(dataset, ctx, batch_size, workers)
     for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not (progress and ctx.is_main),
                       dynamic_ncols=True, leave=False):
-        with autocast(device, amp):
-            logits = forward_batch(model, batch.to(device)).voxel_logits
-        pred = predict_labels(logits).cpu()  # (B, X, Y, Z) uint8
+        pred = predict_labels(model, batch.to(device), amp).cpu()  # (B, X, Y, Z) uint8
         if occ3d:
             voxel_acc.update(pred, batch.semantics, batch.mask_camera)
             if ray_acc is not None:

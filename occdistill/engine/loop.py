@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from occdistill.config import save_config, to_dict
 from occdistill.data.build import Dataset
+from occdistill.data.sample import Batch, collate
 from occdistill.engine.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -64,12 +65,15 @@ from occdistill.engine.distributed import (
 from occdistill.engine.ema import ModelEMA
 from occdistill.engine.evaluate import evaluate
 from occdistill.engine.history import History, plot_curves, read_records
-from occdistill.engine.objective import class_weights, forward_batch, supervised_losses
-from occdistill.engine.precision import autocast, grad_scaler
+from occdistill.engine.objective import class_weights
+from occdistill.engine.precision import grad_scaler
 from occdistill.engine.schedule import LRSchedule
+from occdistill.engine.tasks import Objective, build_objective, load_teacher, teacher_init
 from occdistill.errors import ConfigError, OccDistillError
 from occdistill.io import atomic_write_json
 from occdistill.models.build import build_model
+from occdistill.targets.loader import TeacherTargets, WithTeacherTargets, collate_distill
+from occdistill.targets.manifest import BEV_FEATURE, Manifest
 
 # Settings that change nothing in the arithmetic of training: a resume may change them. (The CPU
 # thread count may change float reduction order: keep runtime.threads fixed for bitwise resumes;
@@ -139,10 +143,31 @@ def _check_fits(cfg: TrainConfig, model: nn.Module, dataset: Dataset) -> None:
         raise ConfigError(f"model image_size {image_size} != data.image_aug.final_size {final_size}")
 
 
-def _restore(ckpt: Checkpoint, model: nn.Module, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
+def _with_teacher_targets(cfg: TrainConfig, train_set: Dataset) -> tuple[Any, Any, int | None]:
+    """(dataset the loader reads, its collate function, C of the dump's BEV feature or None): the
+    training split itself, or paired with the teacher dump of ``distill.dump`` (verified against
+    its manifest: keys, grid, classes and, per sample on first read, the GT hash)."""
+    d = cfg.distill
+    if not d.dump:
+        return train_set, collate, None
+    dump = Path(d.dump)
+    split = "train" if Manifest.path_for(dump, "train").is_file() else None
+    feature = d.dense.lambda_feat > 0 and d.dense.mfd_target == "feature"
+    targets = TeacherTargets(dump, train_set, split, source=d.dump_source, with_bev_feature=feature)
+    channels = targets.manifest.artefacts[BEV_FEATURE].shape[0] if feature else None
+    return WithTeacherTargets(train_set, targets), collate_distill, channels
+
+
+def _split_item(item: Batch | tuple) -> tuple[Batch, Any]:
+    """A loader item -> (batch, teacher targets or None)."""
+    return item if isinstance(item, tuple) else (item, None)
+
+
+def _restore(ckpt: Checkpoint, objective: Objective, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler) -> tuple[int, int]:
     """Load a checkpoint's training state; returns (step, bad steps so far)."""
-    load_weights(model, ckpt.weights, ckpt.path)
+    load_weights(objective.model, ckpt.weights, ckpt.path)
+    load_weights(objective.adapters, ckpt.state.get("adapters", {}), ckpt.path / "state.pt (adapters)")
     if ema is not None:
         load_weights(ema.module, ckpt.ema_weights, ckpt.path)
         ema.updates = ckpt.state["ema_updates"]
@@ -194,25 +219,33 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     elif (ckpt_root / "latest.json").exists():
         raise OccDistillError(f"{run_dir}: already holds a training run; use --resume to continue it, or another --out")
 
-    # --- data, model, optimiser -----------------------------------------------------------------
+    # --- data, model, teacher, objective, optimiser ----------------------------------------------
     torch.manual_seed(rt.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     train_set = open_split(cfg.data, "train", augment=True, seed=rt.seed)
     val_set = open_split(cfg.data, "val", augment=False) if cfg.data.val_split else None
+    train_data, collate_fn, dump_channels = _with_teacher_targets(cfg, train_set)
     model = build_model(cfg.model)
     _check_fits(cfg, model, train_set)
-    model.to(device)
     if rt.sync_bn and ctx.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ema = ModelEMA(model, rt.ema_decay, rt.ema_ramp_steps) if rt.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-    scaler = grad_scaler(device, rt.amp)
     weights = None
-    if cfg.loss.class_weights != "none":
+    if cfg.loss.class_weights != "none" and cfg.model.kind != "sparse":  # sparse: loss.sparse.class_weights
         counts = label_counts(train_set, cfg.loss.camera_mask)
-        weights = class_weights(counts, cfg.loss.class_weights, cfg.loss.class_weight_exponent).to(device)
-    depth_bins = model.view_transform.depth_bins if cfg.loss.depth_weight > 0 else None
+        weights = class_weights(counts, cfg.loss.class_weights, cfg.loss.class_weight_exponent)
+    objective = build_objective(model, cfg.loss, cfg.distill, train_set.classes, amp=rt.amp, seed=rt.seed,
+                                class_weights=weights, teacher=load_teacher(cfg.distill, model),
+                                dump_feature_channels=dump_channels)
+    if ckpt is None and cfg.distill.teacher_guided_init:
+        init_report = teacher_init(objective, cfg.distill)  # before the EMA copies the weights
+        if ctx.is_main and rt.progress:
+            tqdm.write(f"occdistill train: {init_report}", file=sys.stderr)
+    objective.to(device)
+    ema = ModelEMA(model, rt.ema_decay, rt.ema_ramp_steps) if rt.ema_decay > 0 else None
+    params = objective.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    scaler = grad_scaler(device, rt.amp)
 
-    sampler = ResumableSampler(train_set, ctx, rt.seed)
+    sampler = ResumableSampler(train_data, ctx, rt.seed)
     micro = opt.accum_steps
     steps_per_epoch = sampler.shard_size // (cfg.data.batch_size * micro)
     if steps_per_epoch == 0:
@@ -223,21 +256,22 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     total_steps = opt.max_steps or opt.epochs * steps_per_epoch
     schedule = LRSchedule(opt.lr, total_steps, opt.warmup_steps, opt.warmup_ratio, opt.schedule, opt.min_lr_ratio)
 
-    step, bad_steps = (0, 0) if ckpt is None else _restore(ckpt, model, ema, optimizer, scaler)
+    step, bad_steps = (0, 0) if ckpt is None else _restore(ckpt, objective, ema, optimizer, scaler)
 
     history = None
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
         history = History(run_dir / "log.jsonl", resume_step=step if ckpt is not None else None)
-    train_model = model
+    train_step: nn.Module = objective
     if ctx.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_step = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
         broadcast_buffers(model, ctx)
         if ctx.is_main and not (ckpt_root / f"step_{step:06d}").exists():
             state = {"bad_steps": bad_steps, "world_size": ctx.world_size, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_state(), "ema_updates": ema.updates if ema else 0}
+                     "scaler": scaler.state_dict(), "rng": rng_state(), "ema_updates": ema.updates if ema else 0,
+                     "adapters": objective.adapters.state_dict()}
             save_checkpoint(ckpt_root, step, model=model, ema=ema.module if ema else None, config=cfg,
                             state=state, keep=rt.keep_checkpoints)
             plot_curves(read_records(history.path), run_dir / "curves.png", title=run_dir.name)
@@ -263,7 +297,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
         epoch, in_epoch = divmod(step, steps_per_epoch)
         # Start this rank's shard where the interrupted epoch stopped; every later epoch starts at 0.
         sampler.set_epoch(epoch, skip=in_epoch * micro * cfg.data.batch_size)
-        batches = iter(train_loader(train_set, sampler, cfg.data, rt.seed, epoch))
+        batches = iter(train_loader(train_data, sampler, cfg.data, rt.seed, epoch, collate_fn))
         for _ in range(in_epoch, min(steps_per_epoch, in_epoch + total_steps - step)):
             step_start = time.perf_counter()
             lr = schedule(step)
@@ -271,18 +305,18 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
                 group["lr"] = lr
             terms: dict[str, torch.Tensor] = {}
             for m in range(micro):
-                batch = next(batches).to(device, non_blocking=True)
+                batch, targets = _split_item(next(batches))
+                batch = batch.to(device, non_blocking=True)
+                targets = None if targets is None else targets.to(device, non_blocking=True)
                 # DDP all-reduces gradients in backward; only the last micro-batch needs to.
-                sync = contextlib.nullcontext() if not ctx.distributed or m == micro - 1 else train_model.no_sync()
+                sync = contextlib.nullcontext() if not ctx.distributed or m == micro - 1 else train_step.no_sync()
                 with sync:
-                    with autocast(device, rt.amp):
-                        out = forward_batch(train_model, batch)
-                    losses = supervised_losses(out, batch, cfg.loss, train_set.classes, depth_bins, weights)
+                    losses = train_step(batch, targets, step)
                     scaler.scale(losses["total"] / micro).backward()
                 for k, v in losses.items():
                     terms[k] = terms.get(k, 0.0) + v.detach() / micro
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or math.inf)
 
             # Non-finite guard. fp16 overflow of the gradients is the scaler's business (it skips
             # the step and lowers the scale); a non-finite loss, or non-finite gradients without a

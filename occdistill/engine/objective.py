@@ -20,14 +20,10 @@ from occdistill.models.dense import DenseOutput
 from occdistill.nn.depth_bins import DepthBins
 
 
-def forward_batch(model: nn.Module, batch: Batch) -> DenseOutput:
-    """Run the model on a batch already on the model's device."""
+def forward_batch(model: nn.Module, batch: Batch):
+    """Run a model of any kind on the cameras of a batch already on the model's device (its output
+    dataclass: ``DenseOutput``, ``GaussianOutput`` or ``SparseOutput``)."""
     return model(batch.images, batch.intrinsics, batch.img_from_raw, batch.ego_from_cam)
-
-
-def predict_labels(logits: torch.Tensor) -> torch.Tensor:
-    """Voxel logits (B, X, Y, Z, K) -> class ids (B, X, Y, Z) uint8 (the ``score`` file format)."""
-    return logits.argmax(dim=-1).to(torch.uint8)
 
 
 def class_weights(counts: np.ndarray, mode: str, exponent: float = 0.5) -> torch.Tensor | None:

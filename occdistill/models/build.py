@@ -13,13 +13,18 @@ from typing import Callable, Literal
 from torch import nn
 
 from occdistill.models.dense import DenseStudent, DenseStudentConfig
+from occdistill.models.gaussian import GaussianTeacher, GaussianTeacherConfig
+from occdistill.models.sparse import SparseOccConfig, SparseOccStudent
 
 # kind -> (config class, constructor taking that config)
 MODEL_KINDS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
-    "dense": (DenseStudentConfig, DenseStudent),
+    "dense": (DenseStudentConfig, DenseStudent),  # FlashOcc-style BEV student (or a scaled-up dense teacher)
+    "gaussian": (GaussianTeacherConfig, GaussianTeacher),  # GaussianFormer-2-style teacher
+    "sparse": (SparseOccConfig, SparseOccStudent),  # OPUS-style sparse-query student / teacher
 }
 
-ModelKind = Literal["dense"]
+ModelKind = Literal["dense", "gaussian", "sparse"]
+SelectedConfig = DenseStudentConfig | GaussianTeacherConfig | SparseOccConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class ModelConfig:
 
     kind: ModelKind = "dense"
     dense: DenseStudentConfig = field(default_factory=DenseStudentConfig)
+    gaussian: GaussianTeacherConfig = field(default_factory=GaussianTeacherConfig)
+    sparse: SparseOccConfig = field(default_factory=SparseOccConfig)
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -38,7 +45,7 @@ class ModelConfig:
             raise ValueError(f"model.{self.kind} must be a {cfg_cls.__name__}")
 
     @property
-    def selected(self) -> DenseStudentConfig:
+    def selected(self) -> SelectedConfig:
         """The config of the selected kind."""
         return getattr(self, self.kind)
 

@@ -1,0 +1,239 @@
+"""What the engine trains: one objective per model kind, with or without a teacher.
+
+An objective is an ``nn.Module`` that holds the trained model and everything that trains with it
+(distillation adapters) plus, for online distillation, the frozen teacher. The loop wraps it in
+DistributedDataParallel and calls it once per micro-batch::
+
+    terms = objective(batch, targets, step)   # named float32 scalars; terms["total"] is backpropagated
+
+``targets`` is the :class:`~occdistill.targets.loader.TargetBatch` of an offline teacher dump or
+None; ``step`` seeds the random draws of the sparse objective (GT subsets, anchors) so that a
+resumed run draws what an uninterrupted one would. Evaluation predicts with :func:`predict_labels`.
+
+Terms per kind (unweighted terms, except the distillation terms which are logged as added):
+
+- dense: ``ce``, ``depth`` (when weighted in); with a teacher ``mfd``, ``cwd``, ``kd`` (weighted);
+- gaussian: ``ce``, ``lovasz``, ``init_depth``;
+- sparse: ``init.pts``, ``d{l}.pts``, ``d{l}.cls``; with a teacher ``kd.encoder``, ``kd.query``,
+  ``kd.prior``, ``kd.anchor`` (level totals before the DiScene lambdas) and ``kd.total`` (weighted).
+
+The teacher never trains: its parameters are frozen, it is put back in eval mode whenever the
+objective is put in train mode, and it runs under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from occdistill.data.classes import ClassTable
+from occdistill.data.sample import Batch
+from occdistill.distill.discene import DiSceneDistiller
+from occdistill.engine.config import DistillConfig, LossConfig
+from occdistill.engine.objective import forward_batch, supervised_losses
+from occdistill.engine.precision import autocast
+from occdistill.errors import ConfigError
+from occdistill.losses.discene import teacher_guided_init
+from occdistill.losses.distill import TeacherSignals, build_adapter, distill_losses
+from occdistill.losses.gaussian import gaussian_teacher_loss
+from occdistill.losses.sparse import sparse_loss
+from occdistill.models.dense import DenseStudent
+from occdistill.models.gaussian import GaussianTeacher
+from occdistill.models.sparse import SparseOccStudent
+from occdistill.targets.loader import TargetBatch
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, for good."""
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+class Objective(nn.Module):
+    """Base: ``model`` is what gets trained, evaluated and checkpointed as the run's weights;
+    ``adapters`` holds training-only modules (saved for resuming, never exported)."""
+
+    def __init__(self, model: nn.Module, amp: str) -> None:
+        super().__init__()
+        self.model = model
+        self.adapters = nn.ModuleDict()
+        self.amp = amp
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser gets, in a fixed order: the model's, then the adapters'."""
+        return [p for m in (self.model, self.adapters) for p in m.parameters() if p.requires_grad]
+
+    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class DenseObjective(Objective):
+    """The dense student's supervised loss, plus MFD / CWD / KD from a teacher when given one
+    (``targets`` of a dump, or ``teacher``: a frozen dense or Gaussian model run online)."""
+
+    def __init__(self, model: DenseStudent, loss: LossConfig, classes: ClassTable, amp: str, *,
+                 class_weights: torch.Tensor | None = None, distill: DistillConfig | None = None,
+                 teacher: nn.Module | None = None, teacher_channels: int | None = None) -> None:
+        super().__init__(model, amp)
+        self.loss, self.classes, self.distill = loss, classes, distill
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.depth_bins = model.view_transform.depth_bins if loss.depth_weight > 0 else None
+        self.teacher = None if teacher is None else freeze(teacher)
+        if distill is not None:
+            # MFD matches the BEV probability map (K channels) or the teacher's BEV feature.
+            channels = classes.num_classes if distill.dense.mfd_target == "bev_prob" else teacher_channels
+            if distill.dense.lambda_feat > 0 and channels is None:
+                raise ConfigError("distill.dense.mfd_target=feature needs the teacher's BEV feature channels")
+            adapter = build_adapter(distill.dense, model.cfg.bev_channels, channels or 0)
+            if adapter is not None:
+                self.adapters["mfd"] = adapter
+
+    def train(self, mode: bool = True) -> "DenseObjective":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _teacher_signals(self, batch: Batch, targets: TargetBatch | None) -> TeacherSignals:
+        if targets is not None:
+            return TeacherSignals.from_target_batch(targets)
+        with torch.no_grad(), autocast(batch.images.device, self.amp):
+            out = forward_batch(self.teacher, batch)
+        if isinstance(self.teacher, GaussianTeacher):
+            return TeacherSignals.from_gaussian_output(out)
+        return TeacherSignals.from_dense_output(out, self.classes.free_index)
+
+    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+        with autocast(batch.images.device, self.amp):
+            out = forward_batch(self.model, batch)
+        terms = supervised_losses(out, batch, self.loss, self.classes, self.depth_bins, self.class_weights)
+        if self.distill is not None:
+            if targets is None and self.teacher is None:
+                raise ConfigError("distillation is configured but neither teacher targets nor a teacher were given")
+            kd = distill_losses(out, self._teacher_signals(batch, targets), batch, self.distill.dense,
+                                self.adapters["mfd"] if "mfd" in self.adapters else None,
+                                free_index=self.classes.free_index, ignore_index=self.classes.ignore_index)
+            total = terms.pop("total")
+            for name, value in kd.items():
+                terms[name] = value
+                total = total + value
+            terms["total"] = total
+        return terms
+
+
+class GaussianObjective(Objective):
+    """The Gaussian teacher's NLL (+ Lovász) and its initialisation's depth loss."""
+
+    def __init__(self, model: GaussianTeacher, loss: LossConfig, classes: ClassTable, amp: str, *,
+                 class_weights: torch.Tensor | None = None) -> None:
+        super().__init__(model, amp)
+        self.loss, self.classes = loss, classes
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+        with autocast(batch.images.device, self.amp):
+            out = forward_batch(self.model, batch)
+        return gaussian_teacher_loss(out, batch, self.loss.gaussian, self.class_weights, self.classes.ignore_index)
+
+
+class SparseObjective(Objective):
+    """OPUS losses of the main queries, plus DiScene's four levels from a frozen sparse teacher."""
+
+    def __init__(self, model: SparseOccStudent, loss: LossConfig, amp: str, seed: int, *,
+                 distill: DistillConfig | None = None, teacher: SparseOccStudent | None = None,
+                 anchor_class_weights: torch.Tensor | None = None) -> None:
+        super().__init__(model, amp)
+        if model.cfg.depth_prior:
+            raise ConfigError("model.sparse.depth_prior: the training engine does not feed prior depth maps yet")
+        self.loss, self.seed = loss, seed
+        self.distiller = None
+        if teacher is not None:
+            d = distill or DistillConfig()
+            self.distiller = DiSceneDistiller(model, freeze(teacher), d.discene, num_anchors=d.num_anchors or None,
+                                              class_rebalance=d.anchor_rebalance,
+                                              anchor_class_weights=anchor_class_weights)
+            self.adapters["encoder"] = self.distiller.adapter
+
+    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+        # One generator per step: GT subsets and anchors are a function of (seed, step).
+        gen = torch.Generator(device=batch.images.device).manual_seed(self.seed * 1_000_003 + step)
+        with autocast(batch.images.device, self.amp):
+            distilled = self.distiller(batch, generator=gen) if self.distiller is not None else None
+            out = distilled.student if distilled is not None else forward_batch(self.model, batch)
+        terms = sparse_loss(out, batch, self.loss.sparse, gen)
+        if distilled is not None:
+            total = terms.pop("total")
+            for level in ("encoder", "query", "prior", "anchor"):
+                if level in distilled.terms:
+                    terms[f"kd.{level}"] = distilled.terms[level].float()
+            terms["kd.total"] = distilled.terms["total"].float()
+            terms["total"] = total + terms["kd.total"]
+        return terms
+
+
+def teacher_init(objective: Objective, distill: DistillConfig) -> str | None:
+    """DiScene's teacher-guided initialisation of a fresh sparse student (not on resume): a
+    report of what was copied, or None when it does not apply."""
+    if not distill.teacher_guided_init:
+        return None
+    if not isinstance(objective, SparseObjective) or objective.distiller is None:
+        raise ConfigError("distill.teacher_guided_init needs a sparse student and a sparse teacher (distill.checkpoint)")
+    return str(teacher_guided_init(objective.model, objective.distiller.teacher))
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, batch: Batch, amp: str = "off") -> torch.Tensor:
+    """Class ids (B, X, Y, Z) uint8 (the ``score`` file format) of a batch on the model's device:
+    the arg-max of the voxel logits, or the sparse model's voxelisation of its final points."""
+    with autocast(batch.images.device, amp):
+        out = forward_batch(model, batch)
+    if isinstance(model, SparseOccStudent):
+        return model.voxelize(out).to(torch.uint8)
+    return out.voxel_logits.argmax(dim=-1).to(torch.uint8)
+
+
+def load_teacher(distill: DistillConfig, student: nn.Module) -> nn.Module | None:
+    """The frozen online teacher of ``distill.checkpoint`` (None without one), checked against the
+    student: same grid, class table and input size, and a kind the student can learn from."""
+    if not distill.checkpoint:
+        return None
+    from occdistill.engine.checkpoint import load_trained_model
+
+    teacher = load_trained_model(distill.checkpoint, distill.teacher_weights).model
+    where = f"distill.checkpoint {distill.checkpoint}"
+    allowed = (DenseStudent, GaussianTeacher) if isinstance(student, DenseStudent) else (SparseOccStudent,)
+    if not isinstance(teacher, allowed):
+        names = " or ".join(a.__name__ for a in allowed)
+        raise ConfigError(f"{where}: a {type(student).__name__} learns from a {names}, not a {type(teacher).__name__}")
+    if teacher.grid != student.grid:
+        raise ConfigError(f"{where}: teacher grid {teacher.grid} differs from the student's {student.grid}")
+    if teacher.cfg.num_classes != student.cfg.num_classes:
+        raise ConfigError(f"{where}: teacher has {teacher.cfg.num_classes} classes, the student {student.cfg.num_classes}")
+    if tuple(teacher.cfg.image_size) != tuple(student.cfg.image_size):
+        raise ConfigError(f"{where}: teacher input {tuple(teacher.cfg.image_size)} differs from the student's "
+                          f"{tuple(student.cfg.image_size)} (both read the same loader's images)")
+    return freeze(teacher)
+
+
+def build_objective(model: nn.Module, loss: LossConfig, distill: DistillConfig, classes: ClassTable, *,
+                    amp: str, seed: int, class_weights: torch.Tensor | None = None,
+                    teacher: nn.Module | None = None, dump_feature_channels: int | None = None) -> Objective:
+    """The objective of ``model``'s kind; ``teacher`` from :func:`load_teacher` (online), or an
+    offline dump (``distill.dump``) whose targets the loop passes to every call
+    (``dump_feature_channels``: C of its BEV feature, when it has one)."""
+    if isinstance(model, DenseStudent):
+        channels = teacher.cfg.bev_channels if isinstance(teacher, DenseStudent) else dump_feature_channels
+        return DenseObjective(model, loss, classes, amp, class_weights=class_weights,
+                              distill=distill if distill.enabled else None, teacher=teacher,
+                              teacher_channels=channels)
+    if isinstance(model, GaussianTeacher):
+        if teacher is not None:
+            raise ConfigError("distill: the Gaussian teacher trains without a teacher")
+        return GaussianObjective(model, loss, classes, amp, class_weights=class_weights)
+    if isinstance(model, SparseOccStudent):
+        if model.cfg.free_index != classes.free_index:
+            raise ConfigError(f"model.sparse.free_index={model.cfg.free_index}, the {classes.name} free class is "
+                              f"{classes.free_index}")
+        return SparseObjective(model, loss, amp, seed, distill=distill, teacher=teacher)
+    raise ConfigError(f"no training objective for a {type(model).__name__}")

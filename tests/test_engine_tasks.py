@@ -1,0 +1,165 @@
+"""Every model kind trains and evaluates through the one engine, and students train with a teacher:
+offline from a dump or online from a checkpoint (dense: MFD/CWD; sparse: the four DiScene levels and
+teacher-guided initialisation). The teacher never trains; bad pairings are config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from occdistill.data.sample import collate
+from occdistill.data.synth import generate
+from occdistill.engine.checkpoint import load_checkpoint
+from occdistill.engine.config import TrainConfig, load_train_config
+from occdistill.engine.data import open_split
+from occdistill.engine.history import read_records
+from occdistill.engine.loop import train
+from occdistill.engine.tasks import (
+    DenseObjective,
+    SparseObjective,
+    build_objective,
+    load_teacher,
+    predict_labels,
+    teacher_init,
+)
+from occdistill.errors import ConfigError
+from occdistill.models.build import build_model
+
+SYNTH = [
+    "rig.width=64", "rig.height=36", "rig.cameras=[CAM_FRONT,CAM_BACK]", "lidar.azimuths=256",
+    "grid.range=[-9.6,-9.6,-1,9.6,9.6,5.4]", "grid.voxel_size=[0.8,0.8,0.8]",
+]
+GRID = ["grid.range=[-9.6,-9.6,-1,9.6,9.6,5.4]", "grid.voxel_size=[0.8,0.8,0.8]"]
+COMMON = ["data.image_aug.final_size=[32,64]", "data.workers=0", "runtime.progress=false", "runtime.log_every=1",
+          "runtime.eval_rayiou=false", "data.batch_size=1"]
+DENSE = [
+    "model.dense.image_size=[32,64]", "model.dense.backbone.base_width=8", "model.dense.neck_channels=16",
+    "model.dense.depth_bins=[1.0,13.0,1.0]", "model.dense.context_channels=8", "model.dense.depth_net_channels=16",
+    "model.dense.bev_channels=16", *(f"model.dense.{g}" for g in GRID),
+]
+GAUSSIAN = [
+    "model.kind=gaussian", "model.gaussian.image_size=[32,64]", "model.gaussian.backbone.base_width=8",
+    "model.gaussian.neck_channels=16", "model.gaussian.embed_dims=16", "model.gaussian.depth_bins=[1.0,13.0,1.0]",
+    "model.gaussian.depth_net_channels=16", "model.gaussian.init_gaussians=96", "model.gaussian.learned_gaussians=32",
+    "model.gaussian.num_blocks=2", "model.gaussian.num_heads=2", "model.gaussian.knn=8",
+    "model.gaussian.scale_range=[0.2,1.6]", *(f"model.gaussian.{g}" for g in GRID),
+]
+
+
+def sparse(queries: int = 16, depth: int = 18) -> list[str]:
+    return [
+        "model.kind=sparse", "model.sparse.image_size=[32,64]", f"model.sparse.backbone.depth={depth}",
+        "model.sparse.backbone.base_width=8", "model.sparse.neck_channels=16", "model.sparse.embed_dims=16",
+        f"model.sparse.num_queries={queries}", "model.sparse.points_per_layer=[1,2]", "model.sparse.sampling_points=2",
+        "model.sparse.mixing_out_points=4", "model.sparse.num_heads=2", "model.sparse.ffn_channels=32",
+        "model.sparse.num_classes=18", "model.sparse.free_index=17", *(f"model.sparse.{g}" for g in GRID),
+    ]
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory) -> Path:
+    """2 scenes x 2 frames: 2 training frames, 2 validation frames."""
+    return generate("street", tmp_path_factory.mktemp("street"), 2, 2, seed=3, overrides=SYNTH, progress=False).out
+
+
+def config(root: Path, *overrides: str) -> TrainConfig:
+    return load_train_config("street-tiny", [f"data.root={root}", *COMMON, *overrides])
+
+
+def train_terms(run: Path) -> set[str]:
+    return {k for r in read_records(run / "log.jsonl") if r["type"] == "train" for k in r}
+
+
+@pytest.fixture(scope="module")
+def dense_teacher(street, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    train(config(street, *DENSE, "optim.max_steps=1", "data.val_split="), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def sparse_teacher(street, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("sparse_teacher") / "run"
+    train(config(street, *sparse(queries=24, depth=34), "optim.max_steps=1", "data.val_split="), run)
+    return run
+
+
+def test_gaussian_kind_trains_and_evaluates(street, tmp_path):
+    result = train(config(street, *GAUSSIAN, "optim.max_steps=2", "loss.depth_weight=0"), tmp_path / "g")
+    assert {"ce", "lovasz", "init_depth", "loss"} <= train_terms(tmp_path / "g")
+    assert result.metrics["num_samples"] == 2 and 0 <= result.metrics["mIoU"] <= 100
+
+
+def test_sparse_kind_trains_and_evaluates_through_its_voxelisation(street, tmp_path):
+    result = train(config(street, *sparse(), "optim.max_steps=2", "loss.depth_weight=0"), tmp_path / "s")
+    assert {"init.pts", "d0.pts", "d1.cls", "loss"} <= train_terms(tmp_path / "s")
+    assert result.metrics["num_samples"] == 2
+    batch = collate([open_split(config(street, *sparse()).data, "val", augment=False)[0]])
+    labels = predict_labels(result.model.eval(), batch)
+    assert labels.dtype == torch.uint8 and tuple(labels.shape) == (1, 24, 24, 8)
+
+
+def test_dense_student_distils_from_an_offline_dump(street, dense_teacher, tmp_path):
+    dump = tmp_path / "dump"
+    subprocess.run([sys.executable, "-m", "occdistill", "dump-teacher", "--checkpoint", str(dense_teacher),
+                    "--split", "train", "--out", str(dump), "--workers", "0", "--no-progress", "--bev-feature"],
+                   check=True, capture_output=True)
+    # bev_prob: a 1x1 conv from the 16 student channels to the K = 18 classes; feature: the teacher
+    # has 16 BEV channels too, so the adapter is the identity (no parameters).
+    for target, shapes in (("bev_prob", {"mfd.proj.weight": (18, 16, 1, 1), "mfd.proj.bias": (18,)}), ("feature", {})):
+        run = tmp_path / target
+        train(config(street, *DENSE, "optim.max_steps=2", "data.val_split=", f"distill.dump={dump}",
+                     f"distill.dense.mfd_target={target}", "distill.dense.lambda_kd=0.5"), run)
+        assert {"ce", "depth", "mfd", "cwd", "kd"} <= train_terms(run), target
+        adapters = load_checkpoint(run, with_state=True).state["adapters"]
+        assert {k: tuple(v.shape) for k, v in adapters.items()} == shapes
+
+
+def test_dense_student_distils_online_and_the_teacher_stays_frozen(street, dense_teacher, tmp_path):
+    cfg = config(street, *DENSE, "optim.max_steps=2", "data.val_split=", f"distill.checkpoint={dense_teacher}",
+                 "distill.dense.mfd_target=feature")
+    train(cfg, tmp_path / "online")
+    assert {"mfd", "cwd"} <= train_terms(tmp_path / "online")
+
+    student = build_model(cfg.model)
+    teacher = load_teacher(cfg.distill, student)
+    objective = build_objective(student, cfg.loss, cfg.distill, open_split(cfg.data, "train", augment=False).classes,
+                                amp="off", seed=0, teacher=teacher)
+    assert isinstance(objective, DenseObjective)
+    objective.train()
+    assert not objective.teacher.training and not any(p.requires_grad for p in objective.teacher.parameters())
+    assert all(p.requires_grad for p in objective.trainable_parameters())
+    assert not {id(p) for p in objective.teacher.parameters()} & {id(p) for p in objective.trainable_parameters()}
+
+
+def test_sparse_student_distils_at_every_discene_level_with_teacher_guided_init(street, sparse_teacher, tmp_path):
+    overrides = [*sparse(), "optim.max_steps=2", "data.val_split=", f"distill.checkpoint={sparse_teacher}",
+                 "distill.teacher_guided_init=true", "distill.num_anchors=8"]
+    train(config(street, *overrides), tmp_path / "kd")
+    assert {"kd.encoder", "kd.query", "kd.prior", "kd.anchor", "kd.total", "d1.cls"} <= train_terms(tmp_path / "kd")
+
+    cfg = config(street, *overrides)
+    student = build_model(cfg.model)
+    objective = build_objective(student, cfg.loss, cfg.distill, open_split(cfg.data, "train", augment=False).classes,
+                                amp="off", seed=0, teacher=load_teacher(cfg.distill, student))
+    assert isinstance(objective, SparseObjective)
+    assert "copied" in teacher_init(objective, cfg.distill)
+    for name, value in student.decoder.state_dict().items():
+        assert torch.equal(value, objective.distiller.teacher.decoder.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.dump=x", "distill.checkpoint=y"], "not both"),
+    ([*sparse(), "distill.dump={dump}"], "offline teacher targets train dense students"),
+    (["distill.checkpoint={sparse_teacher}"], "learns from a DenseStudent or GaussianTeacher"),
+    (["distill.teacher_guided_init=true", "distill.checkpoint={dense_teacher}"], "teacher_guided_init needs a sparse"),
+])
+def test_bad_teacher_pairings_are_config_errors(street, dense_teacher, sparse_teacher, tmp_path, overrides, message):
+    paths = {"dump": tmp_path, "sparse_teacher": sparse_teacher, "dense_teacher": dense_teacher}
+    overrides = [o.format(**paths) for o in overrides]
+    with pytest.raises(ConfigError, match=message):
+        train(config(street, *DENSE, "optim.max_steps=1", "data.val_split=", *overrides), tmp_path / "bad")

@@ -1,7 +1,8 @@
 """Reusable network blocks of the dense (FlashOcc-style) student.
 
 backbone (ResNet) -> neck (FPNNeck) -> view_transform (LSSViewTransformer: depth net, lift,
-bev_pool splat) -> bev_encoder (BEVEncoder) -> occ_head (BEVOccHead, Channel-to-Height).
+bev_pool splat) -> [temporal (TemporalFusion of warped earlier BEVs)] -> bev_encoder (BEVEncoder) ->
+occ_head (BEVOccHead, Channel-to-Height).
 Blocks take plain typed arguments; building them from a config is the model layer's job.
 """
 
@@ -18,6 +19,7 @@ from occdistill.nn.bev_pool import (
 from occdistill.nn.depth_bins import DepthBins
 from occdistill.nn.neck import FPNNeck
 from occdistill.nn.occ_head import BEVOccHead
+from occdistill.nn.temporal import BEVHistory, HistoryLimits, TemporalFusion, cur_from_prev_transform, warp_bev
 from occdistill.nn.view_transform import (
     NUM_CAMERA_PARAMS,
     DepthNet,
@@ -27,8 +29,9 @@ from occdistill.nn.view_transform import (
 )
 
 __all__ = [
-    "BEVEncoder", "BEVOccHead", "BEVPoolIndices", "BEVResNet", "BasicBlock", "Bottleneck", "DepthBins",
-    "DepthNet", "FPNLSSNeck", "FPNNeck", "LSSViewTransformer", "NUM_CAMERA_PARAMS", "PrecomputedBEVPool",
-    "ResNet", "ViewTransformOutput", "bev_cell_index", "bev_pool_precomputed", "bev_pool_scatter",
-    "camera_parameters", "precompute_pool_indices",
+    "BEVEncoder", "BEVHistory", "BEVOccHead", "BEVPoolIndices", "BEVResNet", "BasicBlock", "Bottleneck",
+    "DepthBins", "DepthNet", "FPNLSSNeck", "FPNNeck", "HistoryLimits", "LSSViewTransformer", "NUM_CAMERA_PARAMS",
+    "PrecomputedBEVPool", "ResNet", "TemporalFusion", "ViewTransformOutput", "bev_cell_index",
+    "bev_pool_precomputed", "bev_pool_scatter", "camera_parameters", "cur_from_prev_transform",
+    "precompute_pool_indices", "warp_bev",
 ]

@@ -5,11 +5,13 @@
 - :mod:`occdistill.metrics.rayiou`: RayIoU at 1, 2, 4 m (SparseOcc ``ray_metrics``), its LiDAR
   origins and an exact vectorised first-hit ray caster.
 - :mod:`occdistill.metrics.occscannet`: Occ-ScanNet completion IoU and semantic mIoU (ISO protocol).
+- :mod:`occdistill.metrics.flicker`: temporal flicker of predictions on static voxels (our definition).
 
 Every accumulator streams: ``update`` per sample or batch, ``merge`` / ``all_reduce`` across
 processes (counts are summed, never per-sample IoUs averaged), ``compute`` at the end.
 """
 
+from occdistill.metrics.flicker import FlickerAccumulator, FlickerMetrics
 from occdistill.metrics.occ3d import Occ3DAccumulator, Occ3DMetrics, occ3d_metrics_from_confusion
 from occdistill.metrics.occscannet import OccScanNetAccumulator, OccScanNetMetrics
 from occdistill.metrics.rayiou import (
@@ -25,7 +27,8 @@ from occdistill.metrics.rayiou import (
 from occdistill.metrics.report import format_table, occ3d_report, occscannet_report
 
 __all__ = [
-    "Occ3DAccumulator", "Occ3DMetrics", "OccScanNetAccumulator", "OccScanNetMetrics", "RayHits",
+    "FlickerAccumulator", "FlickerMetrics", "Occ3DAccumulator", "Occ3DMetrics", "OccScanNetAccumulator",
+    "OccScanNetMetrics", "RayHits",
     "RayIoUAccumulator", "RayIoUMetrics", "cast_rays", "cast_rays_reference", "format_table",
     "lidar_origins", "lidar_ray_directions", "occ3d_metrics_from_confusion", "occ3d_report",
     "occscannet_report", "rays_in_voxel_units",

@@ -2,8 +2,9 @@
 
 Stages: generate -> read back -> verify geometry (projection consistency, ground layer) -> draw ->
 train the dense student (``street-tiny``) on the street world -> evaluate it against image-free
-baselines. Every stage writes into one report folder; re-running resumes the data generation
-(completed frames are skipped) and an unchanged, interrupted training run, and rewrites the report.
+baselines -> benchmark it (``occdistill bench``: latency, FPS, memory, FLOPs, per-stage profile).
+Every stage writes into one report folder; re-running resumes the data generation (completed
+frames are skipped) and an unchanged, interrupted training run, and rewrites the report.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from occdistill.data.build import DatasetFormat, classes_for, open_dataset
 from occdistill.data.consistency import sample_consistency
 from occdistill.data.labels import check_ground_layer
 from occdistill.data.synth import SynthResult, generate
+from occdistill.deploy.bench import BenchResult, benchmark, dataset_inputs, load_bench_model, open_bench_dataset
 from occdistill.engine.baselines import baseline_reports
 from occdistill.engine.config import TrainConfig, load_train_config
 from occdistill.engine.data import open_split
@@ -30,6 +33,7 @@ from occdistill.io import atomic_write_bytes, atomic_write_json, atomic_write_te
 from occdistill.viz.sample_sheet import render_sample
 
 CONSISTENCY_TARGET = 0.95
+BENCH_WARMUP = 2  # untimed rounds first: allocator growth and oneDNN kernel selection on the first calls
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class DemoConfig:
     augmented_views: int = 2  # samples per dataset also drawn after strong augmentation
     student_config: str = "street-tiny"  # built-in training config (or YAML path) of the student
     train_steps: int = 400  # the student's training budget in optimiser steps (~4 min on 2 cores); 0 skips it
+    bench_iters: int = 10  # timed rounds of the student's benchmark (a few seconds in all); 0 skips it
 
     def __post_init__(self) -> None:
         for name in ("street_scenes", "street_frames", "room_scenes", "room_frames"):
@@ -49,8 +54,9 @@ class DemoConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.augmented_views < 0:
             raise ValueError(f"augmented_views must be >= 0, got {self.augmented_views}")
-        if self.train_steps < 0:
-            raise ValueError(f"train_steps must be >= 0, got {self.train_steps}")
+        for name in ("train_steps", "bench_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,30 @@ def _train_student(cfg: DemoConfig, street: SynthResult, out: Path) -> StudentRe
     )
 
 
+@dataclass(frozen=True)
+class StudentBench:
+    """``occdistill bench`` of the trained student on the street val split (``result``: all its numbers)."""
+
+    infos: str  # the frames read by the end-to-end rounds
+    seconds: float  # wall time of loading the checkpoint and benchmarking: what the bench adds to the demo
+    result: BenchResult
+
+
+def _bench_student(run_dir: str | Path, street: SynthResult, iters: int) -> StudentBench:
+    """What ``occdistill bench --checkpoint RUN --data ROOT --infos VAL`` measures, at the demo's budget:
+    batch 1 on the CPU with torch's thread count, ``BENCH_WARMUP`` + ``iters`` rounds, training pooling
+    path only (the exportable path and the other engines: ``occdistill bench --side-by-side``)."""
+    start = time.perf_counter()
+    loaded = load_bench_model(checkpoint=run_dir)
+    model, data = loaded.model, loaded.data
+    # The student's own evaluation transform (not bench's default crop), so end-to-end is its real input pipeline.
+    dataset = open_bench_dataset(data.format, street.out, street.splits["val"], model.cfg.image_size, data.cameras,
+                                 image_aug=data.image_aug)
+    result = benchmark(model, dataset_inputs(dataset), dataset=dataset, model_name=loaded.name,
+                       repeats=iters, warmup=BENCH_WARMUP, export_path=False)
+    return StudentBench(infos=str(street.splits["val"]), seconds=time.perf_counter() - start, result=result)
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -191,7 +221,48 @@ def _student_markdown(student: StudentResult, out: Path) -> list[str]:
     return lines
 
 
-def _report_markdown(cfg: DemoConfig, checks: list[DatasetCheck], student: StudentResult | None, out: Path) -> str:
+def _bench_markdown(bench: StudentBench) -> list[str]:
+    r = bench.result
+    h, w = r.image_size
+    load = r.machine["load_average_at_start"]  # None where the OS has no load average
+    lines = [
+        "## Latency profile of the student",
+        "",
+        f"`occdistill bench` of the trained student, {r.model}, on `{r.device}` in {r.dtype} with "
+        f"{r.machine['torch_threads']} torch threads",
+        f"({r.machine['cpu']}, {r.machine['cpu_count']} CPUs, 1-minute load average "
+        f"{'n/a' if load is None else f'{load[0]:.1f}'} at the start). Input: batch {r.batch} of {r.cameras} "
+        f"cameras at {h}x{w}",
+        f"from the street val split. Median and p90 of {r.repeats} rounds after {r.warmup} warm-up rounds "
+        f"({bench.seconds:.1f} s in all).",
+        "Engine-only: forward + argmax on a batch already on the device; end-to-end: read + decode + resize of the",
+        "frame, collate, transfer, forward, argmax. Stage shares are of the engine-only stage sum, the data pipeline's",
+        "of end-to-end. Other processes only add time, so on a busy machine these are upper bounds. The exportable",
+        "pooling path and the other engines (torch.compile, onnxruntime): `occdistill bench --side-by-side`.",
+        "",
+        "| stage | median ms | p90 ms | share | GFLOPs |",
+        "|---|---|---|---|---|",
+        f"| data pipeline (per sample) | {r.data_pipeline_ms_per_sample:.1f} | n/a | "
+        f"{r.data_share_of_end_to_end:.1%} | n/a |",
+    ]
+    for s in r.stages:
+        lines.append(f"| {s.name} | {s.median_ms:.1f} | {s.p90_ms:.1f} | {s.share:.1%} | {s.gflops:.2f} |")
+    lines += [
+        f"| **engine-only** | {r.latency_median_ms:.1f} | {r.latency_p90_ms:.1f} | | {r.gflops:.2f} |",
+        f"| **end-to-end** | {r.end_to_end_median_ms:.1f} | {r.end_to_end_p90_ms:.1f} | | |",
+        "",
+        f"FPS {r.fps:.1f} engine-only, {r.end_to_end_fps:.1f} end-to-end; {r.params / 1e6:.2f} M parameters "
+        f"({r.model_memory_mb:.0f} MB), peak memory {r.peak_memory_mb:.0f} MB above the resident weights and inputs",
+        f"({r.peak_memory_kind}); {r.gflops:.2f} GFLOPs = {r.gmacs:.2f} GMACs per batch "
+        "(matmul/conv-type ops only).",
+        "",
+    ]
+    return lines
+
+
+def _report_markdown(
+    cfg: DemoConfig, checks: list[DatasetCheck], student: StudentResult | None, bench: StudentBench | None, out: Path
+) -> str:
     lines = [
         "# occdistill demo report",
         "",
@@ -220,6 +291,8 @@ def _report_markdown(cfg: DemoConfig, checks: list[DatasetCheck], student: Stude
     lines.append("")
     if student is not None:
         lines += _student_markdown(student, out)
+    if bench is not None:
+        lines += _bench_markdown(bench)
     lines += ["", f"Configuration: `config.yaml`. Numbers: `report.json`. Seed {cfg.seed}.", ""]
     return "\n".join(lines)
 
@@ -237,7 +310,11 @@ def run_demo(cfg: DemoConfig, out: Path) -> Path:
     ]
     checks.append(_check_dataset("room", "occscannet", room.out, None, cfg, viz_dir))
     student = _train_student(cfg, street, out) if cfg.train_steps > 0 else None
+    bench = None
+    if student is not None and cfg.bench_iters > 0:
+        bench = _bench_student(student.run_dir, street, cfg.bench_iters)
     report = {"config": asdict(cfg), "checks": [asdict(c) for c in checks],
-              "student": asdict(student) if student is not None else None}
+              "student": asdict(student) if student is not None else None,
+              "bench": asdict(bench) if bench is not None else None}
     atomic_write_json(out / "report.json", report)
-    return atomic_write_text(out / "README.md", _report_markdown(cfg, checks, student, out))
+    return atomic_write_text(out / "README.md", _report_markdown(cfg, checks, student, bench, out))

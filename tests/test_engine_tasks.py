@@ -15,7 +15,7 @@ from occdistill.data.sample import collate
 from occdistill.data.synth import generate
 from occdistill.engine.checkpoint import load_checkpoint
 from occdistill.engine.config import TrainConfig, load_train_config
-from occdistill.engine.data import open_split
+from occdistill.engine.data import TrainItem, open_split
 from occdistill.engine.history import read_records
 from occdistill.engine.loop import train
 from occdistill.engine.tasks import (
@@ -99,7 +99,7 @@ def test_sparse_kind_trains_and_evaluates_through_its_voxelisation(street, tmp_p
     assert {"init.pts", "d0.pts", "d1.cls", "loss"} <= train_terms(tmp_path / "s")
     assert result.metrics["num_samples"] == 2
     batch = collate([open_split(config(street, *sparse()).data, "val", augment=False)[0]])
-    labels = predict_labels(result.model.eval(), batch)
+    labels = predict_labels(result.model.eval(), TrainItem(batch))
     assert labels.dtype == torch.uint8 and tuple(labels.shape) == (1, 24, 24, 8)
 
 
@@ -163,3 +163,14 @@ def test_bad_teacher_pairings_are_config_errors(street, dense_teacher, sparse_te
     overrides = [o.format(**paths) for o in overrides]
     with pytest.raises(ConfigError, match=message):
         train(config(street, *DENSE, "optim.max_steps=1", "data.val_split=", *overrides), tmp_path / "bad")
+
+
+def test_temporal_dense_student_trains_on_earlier_keyframes_and_reports_flicker(street, tmp_path):
+    result = train(config(street, *DENSE, "model.dense.temporal_frames=1", "optim.max_steps=2"), tmp_path / "t")
+    assert {"ce", "depth"} <= train_terms(tmp_path / "t")
+    report = result.metrics
+    assert report["num_samples"] == 2 and report["flicker_pairs"] == 1  # 1 val scene of 2 frames
+    assert 0 <= report["flicker"] <= 100
+    with pytest.raises(ConfigError, match="temporal student"):
+        train(config(street, *DENSE, "model.dense.temporal_frames=1", f"distill.dump={tmp_path}",
+                     "optim.max_steps=1"), tmp_path / "t2")

@@ -8,20 +8,31 @@ loader workers and whether the run was resumed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Dataset as TorchDataset
 
 from occdistill.data.build import Dataset, classes_for
 from occdistill.data.labels import load_occ3d_labels
 from occdistill.data.occ3d import Occ3DDataset
 from occdistill.data.occscannet import OccScanNetDataset
-from occdistill.data.sample import collate
+from occdistill.data.sample import Batch, Sample, collate
 from occdistill.engine.config import DataConfig
-from occdistill.engine.distributed import DistContext, ResumableSampler, shard_indices
+from occdistill.engine.distributed import DistContext, ResumableSampler
+from occdistill.engine.sequence import group_scenes, scene_names_of, shard_scenes
 from occdistill.errors import DataError
+from occdistill.targets.loader import DistillSample, TargetBatch, collate_distill
+
+
+def scene_shard(dataset: Dataset, ctx: DistContext) -> list[int]:
+    """Evaluation sharding by whole scenes (balanced by frames), each in time order: counts summed
+    over ranks are exactly the split's, and no scene is cut between ranks."""
+    scenes = group_scenes(scene_names_of(dataset))  # each scene's indices, in time order
+    return [i for pos in shard_scenes(scenes, ctx.world_size)[ctx.rank] for i in scenes[pos]]
 
 Split = Literal["train", "val"]
 
@@ -53,18 +64,81 @@ def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, r
     )
 
 
-def train_loader(dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, seed: int, epoch: int,
-                 collate_fn: Callable = collate) -> DataLoader:
-    """A loader for one epoch (workers copy the dataset at start, so one loader per epoch after
-    ``set_epoch``). Its own generator keeps the global torch RNG untouched by loader start-up.
-    ``collate_fn``: :func:`collate`, or ``collate_distill`` for a dataset with teacher targets."""
+@dataclass
+class FramesSample:
+    """A sample and its ``F`` earlier keyframes, newest first (see :class:`WithPreviousFrames`)."""
+
+    current: Sample
+    previous: tuple[Sample, ...]
+
+
+@dataclass
+class TrainItem:
+    """What one loader step delivers to an objective: the batch, the teacher targets of an offline
+    dump (or None) and, for temporal models, the batches of the ``F`` earlier keyframes."""
+
+    batch: Batch
+    targets: TargetBatch | None = None
+    previous: tuple[Batch, ...] = ()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainItem":
+        return TrainItem(
+            self.batch.to(device, non_blocking=non_blocking),
+            None if self.targets is None else self.targets.to(device, non_blocking=non_blocking),
+            tuple(b.to(device, non_blocking=non_blocking) for b in self.previous),
+        )
+
+
+class WithPreviousFrames(TorchDataset):
+    """``dataset[i]`` with its ``frames`` earlier keyframes of the same scene, newest first, each
+    loaded with sample i's augmentation draws (so one BEV augmentation holds for all of them:
+    the temporal warp assumes it). A missing earlier frame (scene start) repeats the sample itself,
+    which :func:`occdistill.models.dense.training_history` turns into a zero history slot."""
+
+    def __init__(self, dataset: Dataset, frames: int) -> None:
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        self.dataset, self.frames = dataset, frames
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> FramesSample:
+        current = self.dataset[index]
+        previous = []
+        for steps in range(1, self.frames + 1):
+            earlier = self.dataset.previous(index, steps)
+            previous.append(current if earlier is None else self.dataset.load(earlier, aug_index=index))
+        return FramesSample(current, tuple(previous))
+
+
+def collate_item(items: Sequence[Sample | DistillSample | FramesSample]) -> TrainItem:
+    """``DataLoader(collate_fn=collate_item)`` for a split, its :class:`WithTeacherTargets` or its
+    :class:`WithPreviousFrames` wrapper."""
+    first = items[0]
+    if isinstance(first, DistillSample):
+        batch, targets = collate_distill(items)
+        return TrainItem(batch, targets)
+    if isinstance(first, FramesSample):
+        previous = tuple(collate([it.previous[f] for it in items]) for f in range(len(first.previous)))
+        return TrainItem(collate([it.current for it in items]), previous=previous)
+    return TrainItem(collate(items))
+
+
+def train_loader(dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, seed: int, epoch: int) -> DataLoader:
+    """A loader of :class:`TrainItem` for one epoch (workers copy the dataset at start, so one
+    loader per epoch after ``set_epoch``). Its own generator keeps the global torch RNG untouched
+    by loader start-up."""
     dataset.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,
-        collate_fn=collate_fn,
+        collate_fn=collate_item,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
@@ -72,14 +146,17 @@ def train_loader(dataset: Dataset, sampler: ResumableSampler, cfg: DataConfig, s
     )
 
 
-def eval_loader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: int) -> DataLoader:
-    """This rank's shard of ``dataset`` in order, nothing repeated."""
+def eval_loader(dataset: Dataset, ctx: DistContext, batch_size: int, workers: int, frames: int = 0) -> DataLoader:
+    """This rank's shard of ``dataset`` as :class:`TrainItem`, whole scenes in time order (the
+    flicker metric compares consecutive frames), nothing repeated; ``frames`` earlier keyframes
+    per sample for temporal models."""
+    source = WithPreviousFrames(dataset, frames) if frames else dataset
     return DataLoader(
-        Subset(dataset, shard_indices(len(dataset), ctx)),
+        Subset(source, scene_shard(dataset, ctx)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_item,
         pin_memory=torch.cuda.is_available(),
     )
 

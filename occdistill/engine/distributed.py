@@ -107,12 +107,6 @@ def all_reduce_max(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
-def shard_indices(num_samples: int, ctx: DistContext) -> list[int]:
-    """Evaluation sharding: rank r takes samples r, r + W, ... Nothing is padded or repeated, so
-    counts summed over ranks are exactly the split's (DistributedSampler would repeat samples)."""
-    return list(range(ctx.rank, num_samples, ctx.world_size))
-
-
 class ResumableSampler(Sampler[int]):
     """Training order: :class:`DistributedSampler` (shuffled by seed + epoch, one shard per rank,
     tail dropped), started ``skip`` samples into this rank's shard.

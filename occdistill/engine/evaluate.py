@@ -2,12 +2,16 @@
 ``mask_camera`` + RayIoU, or the Occ-ScanNet ISO metrics. Used by training's periodic evaluation,
 ``occdistill eval`` and the demo.
 
-Each process evaluates its shard (:func:`shard_indices`); the metric counts are summed over
-processes before the report is computed, so every rank returns the same report.
+Each process evaluates its shard of whole scenes in time order (:func:`scene_shard`); the metric
+counts are summed over processes before the report is computed, so every rank returns the same
+report. On Occ3D-layout data the report also holds ``flicker``: the percentage of static
+camera-visible voxels whose predicted label changes between consecutive frames
+(:mod:`occdistill.metrics.flicker`), and ``flicker_occupied`` over static occupied voxels.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,11 +22,12 @@ from tqdm import tqdm
 
 from occdistill.data.build import Dataset
 from occdistill.data.occ3d import Occ3DDataset
-from occdistill.engine.data import eval_loader
+from occdistill.engine.data import eval_loader, scene_shard  # noqa: F401 (scene_shard: docstring)
 from occdistill.engine.distributed import DistContext, metric_device
-from occdistill.engine.tasks import predict_labels
+from occdistill.engine.tasks import predict_labels, temporal_frames
 from occdistill.io import atomic_save_npz
 from occdistill.metrics import (
+    FlickerAccumulator,
     Occ3DAccumulator,
     OccScanNetAccumulator,
     RayIoUAccumulator,
@@ -56,16 +61,19 @@ def evaluate(
     if occ3d:
         voxel_acc = Occ3DAccumulator(classes=classes, device=counts_on)
         ray_acc = RayIoUAccumulator(classes=classes, grid=dataset.grid, device=counts_on) if rayiou else None
+        flicker_acc = FlickerAccumulator(grid=dataset.grid, classes=classes, device=counts_on)
     else:
         scannet_acc = OccScanNetAccumulator(classes=classes, device=counts_on)
     was_training = model.training
     model.eval()
-    loader = eval_loader(dataset, ctx, batch_size, workers)
-    for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not (progress and ctx.is_main),
-                      dynamic_ncols=True, leave=False):
-        pred = predict_labels(model, batch.to(device), amp).cpu()  # (B, X, Y, Z) uint8
+    loader = eval_loader(dataset, ctx, batch_size, workers, temporal_frames(model))
+    for item in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not (progress and ctx.is_main),
+                     dynamic_ncols=True, leave=False):
+        pred = predict_labels(model, item.to(device), amp).cpu()  # (B, X, Y, Z) uint8
+        batch = item.batch
         if occ3d:
             voxel_acc.update(pred, batch.semantics, batch.mask_camera)
+            flicker_acc.update(pred, batch.semantics, batch.mask_camera, batch.global_from_ego, batch.scene_names)
             if ray_acc is not None:
                 frames = [dataset.frame(int(i)) for i in batch.frame_indices]
                 origins = [lidar_origins(dataset.infos.scene_frames(f.scene_name), f) for f in frames]
@@ -80,6 +88,15 @@ def evaluate(
         scannet_acc.all_reduce()
         return occscannet_report(scannet_acc.compute())
     voxel_acc.all_reduce()
+    flicker_acc.all_reduce()
     if ray_acc is not None:
         ray_acc.all_reduce()
-    return occ3d_report(voxel_acc.compute(), ray_acc.compute() if ray_acc is not None else None)
+    flicker = flicker_acc.compute()
+    return {**occ3d_report(voxel_acc.compute(), ray_acc.compute() if ray_acc is not None else None),
+            "flicker": _percent(flicker.flicker), "flicker_occupied": _percent(flicker.flicker_occupied),
+            "flicker_pairs": flicker.num_pairs}
+
+
+def _percent(fraction: float) -> float | None:
+    """A fraction in percent; None when nothing was counted (NaN is not JSON)."""
+    return None if math.isnan(fraction) else 100.0 * fraction

@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from occdistill.config import save_config, to_dict
 from occdistill.data.build import Dataset
-from occdistill.data.sample import Batch, collate
 from occdistill.engine.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -50,7 +49,7 @@ from occdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from occdistill.engine.config import TrainConfig
-from occdistill.engine.data import label_counts, open_split, train_loader
+from occdistill.engine.data import WithPreviousFrames, label_counts, open_split, train_loader
 from occdistill.engine.distributed import (
     DistContext,
     ResumableSampler,
@@ -68,11 +67,11 @@ from occdistill.engine.history import History, plot_curves, read_records
 from occdistill.engine.objective import class_weights
 from occdistill.engine.precision import grad_scaler
 from occdistill.engine.schedule import LRSchedule
-from occdistill.engine.tasks import Objective, build_objective, load_teacher, teacher_init
+from occdistill.engine.tasks import Objective, build_objective, load_teacher, teacher_init, temporal_frames
 from occdistill.errors import ConfigError, OccDistillError
 from occdistill.io import atomic_write_json
 from occdistill.models.build import build_model
-from occdistill.targets.loader import TeacherTargets, WithTeacherTargets, collate_distill
+from occdistill.targets.loader import TeacherTargets, WithTeacherTargets
 from occdistill.targets.manifest import BEV_FEATURE, Manifest
 
 # Settings that change nothing in the arithmetic of training: a resume may change them. (The CPU
@@ -143,24 +142,25 @@ def _check_fits(cfg: TrainConfig, model: nn.Module, dataset: Dataset) -> None:
         raise ConfigError(f"model image_size {image_size} != data.image_aug.final_size {final_size}")
 
 
-def _with_teacher_targets(cfg: TrainConfig, train_set: Dataset) -> tuple[Any, Any, int | None]:
-    """(dataset the loader reads, its collate function, C of the dump's BEV feature or None): the
-    training split itself, or paired with the teacher dump of ``distill.dump`` (verified against
-    its manifest: keys, grid, classes and, per sample on first read, the GT hash)."""
+def _training_data(cfg: TrainConfig, train_set: Dataset, frames: int) -> tuple[Any, int | None]:
+    """(dataset the loader reads, C of the dump's BEV feature or None): the training split itself,
+    with the ``frames`` earlier keyframes of every sample (temporal models), or paired with the
+    teacher dump of ``distill.dump`` (verified against its manifest: keys, grid, classes and, per
+    sample on first read, the GT hash)."""
     d = cfg.distill
+    if frames and d.dump:
+        raise ConfigError("distill.dump with a temporal student (model.dense.temporal_frames > 0) is not supported "
+                          "yet; distil online (distill.checkpoint) or train without temporal fusion")
+    if frames:
+        return WithPreviousFrames(train_set, frames), None
     if not d.dump:
-        return train_set, collate, None
+        return train_set, None
     dump = Path(d.dump)
     split = "train" if Manifest.path_for(dump, "train").is_file() else None
     feature = d.dense.lambda_feat > 0 and d.dense.mfd_target == "feature"
     targets = TeacherTargets(dump, train_set, split, source=d.dump_source, with_bev_feature=feature)
     channels = targets.manifest.artefacts[BEV_FEATURE].shape[0] if feature else None
-    return WithTeacherTargets(train_set, targets), collate_distill, channels
-
-
-def _split_item(item: Batch | tuple) -> tuple[Batch, Any]:
-    """A loader item -> (batch, teacher targets or None)."""
-    return item if isinstance(item, tuple) else (item, None)
+    return WithTeacherTargets(train_set, targets), channels
 
 
 def _restore(ckpt: Checkpoint, objective: Objective, ema: ModelEMA | None, optimizer: torch.optim.Optimizer,
@@ -223,8 +223,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     torch.manual_seed(rt.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     train_set = open_split(cfg.data, "train", augment=True, seed=rt.seed)
     val_set = open_split(cfg.data, "val", augment=False) if cfg.data.val_split else None
-    train_data, collate_fn, dump_channels = _with_teacher_targets(cfg, train_set)
     model = build_model(cfg.model)
+    train_data, dump_channels = _training_data(cfg, train_set, temporal_frames(model))
     _check_fits(cfg, model, train_set)
     if rt.sync_bn and ctx.distributed and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -297,7 +297,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
         epoch, in_epoch = divmod(step, steps_per_epoch)
         # Start this rank's shard where the interrupted epoch stopped; every later epoch starts at 0.
         sampler.set_epoch(epoch, skip=in_epoch * micro * cfg.data.batch_size)
-        batches = iter(train_loader(train_data, sampler, cfg.data, rt.seed, epoch, collate_fn))
+        batches = iter(train_loader(train_data, sampler, cfg.data, rt.seed, epoch))
         for _ in range(in_epoch, min(steps_per_epoch, in_epoch + total_steps - step)):
             step_start = time.perf_counter()
             lr = schedule(step)
@@ -305,13 +305,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
                 group["lr"] = lr
             terms: dict[str, torch.Tensor] = {}
             for m in range(micro):
-                batch, targets = _split_item(next(batches))
-                batch = batch.to(device, non_blocking=True)
-                targets = None if targets is None else targets.to(device, non_blocking=True)
+                item = next(batches).to(device, non_blocking=True)
                 # DDP all-reduces gradients in backward; only the last micro-batch needs to.
                 sync = contextlib.nullcontext() if not ctx.distributed or m == micro - 1 else train_step.no_sync()
                 with sync:
-                    losses = train_step(batch, targets, step)
+                    losses = train_step(item, step)
                     scaler.scale(losses["total"] / micro).backward()
                 for k, v in losses.items():
                     terms[k] = terms.get(k, 0.0) + v.detach() / micro

@@ -4,11 +4,12 @@ An objective is an ``nn.Module`` that holds the trained model and everything tha
 (distillation adapters) plus, for online distillation, the frozen teacher. The loop wraps it in
 DistributedDataParallel and calls it once per micro-batch::
 
-    terms = objective(batch, targets, step)   # named float32 scalars; terms["total"] is backpropagated
+    terms = objective(item, step)   # named float32 scalars; terms["total"] is backpropagated
 
-``targets`` is the :class:`~occdistill.targets.loader.TargetBatch` of an offline teacher dump or
-None; ``step`` seeds the random draws of the sparse objective (GT subsets, anchors) so that a
-resumed run draws what an uninterrupted one would. Evaluation predicts with :func:`predict_labels`.
+``item`` is a :class:`~occdistill.engine.data.TrainItem`: the batch, the teacher targets of an
+offline dump (or None) and the earlier keyframes of a temporal model; ``step`` seeds the random
+draws of the sparse objective (GT subsets, anchors) so that a resumed run draws what an
+uninterrupted one would. Evaluation predicts with :func:`predict_labels`.
 
 Terms per kind (unweighted terms, except the distillation terms which are logged as added):
 
@@ -30,6 +31,7 @@ from occdistill.data.classes import ClassTable
 from occdistill.data.sample import Batch
 from occdistill.distill.discene import DiSceneDistiller
 from occdistill.engine.config import DistillConfig, LossConfig
+from occdistill.engine.data import TrainItem
 from occdistill.engine.objective import forward_batch, supervised_losses
 from occdistill.engine.precision import autocast
 from occdistill.errors import ConfigError
@@ -37,10 +39,9 @@ from occdistill.losses.discene import teacher_guided_init
 from occdistill.losses.distill import TeacherSignals, build_adapter, distill_losses
 from occdistill.losses.gaussian import gaussian_teacher_loss
 from occdistill.losses.sparse import sparse_loss
-from occdistill.models.dense import DenseStudent
+from occdistill.models.dense import DenseStudent, training_history
 from occdistill.models.gaussian import GaussianTeacher
 from occdistill.models.sparse import SparseOccStudent
-from occdistill.targets.loader import TargetBatch
 
 
 def freeze(teacher: nn.Module) -> nn.Module:
@@ -64,7 +65,7 @@ class Objective(nn.Module):
         """What the optimiser gets, in a fixed order: the model's, then the adapters'."""
         return [p for m in (self.model, self.adapters) for p in m.parameters() if p.requires_grad]
 
-    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, item: TrainItem, step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -95,23 +96,27 @@ class DenseObjective(Objective):
             self.teacher.eval()
         return self
 
-    def _teacher_signals(self, batch: Batch, targets: TargetBatch | None) -> TeacherSignals:
-        if targets is not None:
-            return TeacherSignals.from_target_batch(targets)
-        with torch.no_grad(), autocast(batch.images.device, self.amp):
-            out = forward_batch(self.teacher, batch)
+    def _teacher_signals(self, item: TrainItem) -> TeacherSignals:
+        if item.targets is not None:
+            return TeacherSignals.from_target_batch(item.targets)
+        with torch.no_grad(), autocast(item.batch.images.device, self.amp):
+            if isinstance(self.teacher, DenseStudent):
+                out = dense_forward(self.teacher, item.batch, item.previous)
+            else:
+                out = forward_batch(self.teacher, item.batch)
         if isinstance(self.teacher, GaussianTeacher):
             return TeacherSignals.from_gaussian_output(out)
         return TeacherSignals.from_dense_output(out, self.classes.free_index)
 
-    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, item: TrainItem, step: int) -> dict[str, torch.Tensor]:
+        batch = item.batch
         with autocast(batch.images.device, self.amp):
-            out = forward_batch(self.model, batch)
+            out = dense_forward(self.model, batch, item.previous)
         terms = supervised_losses(out, batch, self.loss, self.classes, self.depth_bins, self.class_weights)
         if self.distill is not None:
-            if targets is None and self.teacher is None:
+            if item.targets is None and self.teacher is None:
                 raise ConfigError("distillation is configured but neither teacher targets nor a teacher were given")
-            kd = distill_losses(out, self._teacher_signals(batch, targets), batch, self.distill.dense,
+            kd = distill_losses(out, self._teacher_signals(item), batch, self.distill.dense,
                                 self.adapters["mfd"] if "mfd" in self.adapters else None,
                                 free_index=self.classes.free_index, ignore_index=self.classes.ignore_index)
             total = terms.pop("total")
@@ -131,7 +136,8 @@ class GaussianObjective(Objective):
         self.loss, self.classes = loss, classes
         self.register_buffer("class_weights", class_weights, persistent=False)
 
-    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, item: TrainItem, step: int) -> dict[str, torch.Tensor]:
+        batch = item.batch
         with autocast(batch.images.device, self.amp):
             out = forward_batch(self.model, batch)
         return gaussian_teacher_loss(out, batch, self.loss.gaussian, self.class_weights, self.classes.ignore_index)
@@ -155,7 +161,8 @@ class SparseObjective(Objective):
                                               anchor_class_weights=anchor_class_weights)
             self.adapters["encoder"] = self.distiller.adapter
 
-    def forward(self, batch: Batch, targets: TargetBatch | None, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, item: TrainItem, step: int) -> dict[str, torch.Tensor]:
+        batch = item.batch
         # One generator per step: GT subsets and anchors are a function of (seed, step).
         gen = torch.Generator(device=batch.images.device).manual_seed(self.seed * 1_000_003 + step)
         with autocast(batch.images.device, self.amp):
@@ -182,12 +189,30 @@ def teacher_init(objective: Objective, distill: DistillConfig) -> str | None:
     return str(teacher_guided_init(objective.model, objective.distiller.teacher))
 
 
+def temporal_frames(model: nn.Module) -> int:
+    """Earlier keyframes the model fuses (0: a single-frame model)."""
+    return model.cfg.temporal_frames if isinstance(model, DenseStudent) else 0
+
+
+def dense_forward(model: DenseStudent, batch: Batch, previous: tuple[Batch, ...] = ()):
+    """The dense student on a batch; a temporal one with the history of the earlier keyframes
+    (recomputed without gradient, BEVDet4D style)."""
+    if not temporal_frames(model):
+        return forward_batch(model, batch)
+    history = training_history(model, batch, previous)
+    return model(batch.images, batch.intrinsics, batch.img_from_raw, batch.ego_from_cam, history)
+
+
 @torch.no_grad()
-def predict_labels(model: nn.Module, batch: Batch, amp: str = "off") -> torch.Tensor:
-    """Class ids (B, X, Y, Z) uint8 (the ``score`` file format) of a batch on the model's device:
+def predict_labels(model: nn.Module, item: TrainItem, amp: str = "off") -> torch.Tensor:
+    """Class ids (B, X, Y, Z) uint8 (the ``score`` file format) of an item on the model's device:
     the arg-max of the voxel logits, or the sparse model's voxelisation of its final points."""
+    batch = item.batch
     with autocast(batch.images.device, amp):
-        out = forward_batch(model, batch)
+        if isinstance(model, DenseStudent):
+            out = dense_forward(model, batch, item.previous)
+        else:
+            out = forward_batch(model, batch)
     if isinstance(model, SparseOccStudent):
         return model.voxelize(out).to(torch.uint8)
     return out.voxel_logits.argmax(dim=-1).to(torch.uint8)

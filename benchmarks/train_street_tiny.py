@@ -60,8 +60,8 @@ def loader_rate(cfg, batches: int = 30) -> float:
     next(it)  # workers started, first batch in
     start = time.perf_counter()
     n = 0
-    for _, batch in zip(range(batches), it):
-        n += len(batch)
+    for _, item in zip(range(batches), it):
+        n += len(item.batch)
     return n / (time.perf_counter() - start)
 
 

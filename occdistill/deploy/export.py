@@ -288,6 +288,10 @@ class ExportWrapper(nn.Module):
         device = model.pixel_mean.device
         cams = [t.to(device).float() for t in rig[:3]]
         if self.kind == "dense":
+            if model.cfg.temporal_frames:
+                # The graph takes images only: a temporal model would run with a zero history, silently.
+                raise OccDistillError("a temporal dense student (temporal_frames > 0) needs its BEV history as a "
+                                      "graph input, which export does not provide yet; export a single-frame model")
             model.set_fixed_rig(*cams)
             for name, t in zip(("intrinsics", "img_from_raw", "ego_from_cam"), cams):
                 self.register_buffer(name, t[None].expand(batch, *t.shape).contiguous(), persistent=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -83,11 +84,27 @@ def test_profiled_forward_reproduces_forward_exactly(model, fixed_rig):
             staged = profiled_forward(model, *inputs.args(), clock=clock)
     finally:
         model.view_transform.clear_fixed_rig()
-    for name in ("voxel_logits", "bev_feature", "depth", "image_features"):
+    for name in ("voxel_logits", "bev_feature", "depth", "image_features", "lifted_bev"):
         assert torch.equal(getattr(staged.output, name), getattr(ref, name)), name
     assert torch.equal(staged.labels, ref.voxel_logits.argmax(-1).to(torch.uint8))
     assert staged.labels.dtype == torch.uint8 and staged.labels.shape == ref.voxel_logits.shape[:-1]
     assert tuple(clock.seconds) == STAGES and all(t >= 0 for t in clock.seconds.values())
+
+
+def test_profiled_forward_of_a_temporal_student_fuses_a_zero_history():
+    torch.manual_seed(0)
+    model = DenseStudent(dataclasses.replace(tiny_config(), temporal_frames=2)).eval()
+    inputs = synthetic_inputs(model)
+    with torch.no_grad():
+        ref = model(*inputs.args())  # no history: zeros, as at a scene start
+        staged = profiled_forward(model, *inputs.args())
+        # the fusion changes the BEV: a staged forward that skipped it would differ
+        assert not torch.equal(model.bev_encoder(ref.lifted_bev), ref.bev_feature)
+    for name in ("voxel_logits", "bev_feature", "depth", "image_features", "lifted_bev"):
+        assert torch.equal(getattr(staged.output, name), getattr(ref, name)), name
+    result = benchmark(model, inputs, repeats=1, warmup=0, count_flops=False, measure_memory=False,
+                       export_path=False)
+    assert any(note.startswith("temporal student") for note in result.notes)
 
 
 def test_benchmark_result_is_complete_and_sane(model):
@@ -95,6 +112,7 @@ def test_benchmark_result_is_complete_and_sane(model):
     result = benchmark(model, synthetic_inputs(model, batch=1), repeats=3, warmup=0)
     assert model.training and model.view_transform.fixed_pool is None  # state restored
     d = json.loads(json.dumps(result.to_dict()))
+    assert d["kind"] == "dense"
     for key in ("device", "dtype", "batch", "latency_median_ms", "latency_p90_ms", "fps", "peak_memory_mb", "flops",
                 "params", "stages", "paths", "end_to_end_median_ms", "data_pipeline_ms_per_sample", "machine",
                 "pooling_share", "export_over_train_latency", "export_over_train_pooling", "gmacs"):

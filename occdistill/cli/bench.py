@@ -2,16 +2,29 @@
 
     occdistill bench --config CONFIG.yaml [key=value ...] --json OUT.json
     occdistill bench --checkpoint RUN_OR_CKPT_DIR --data ROOT --infos INFOS.pkl --json OUT.json
+    occdistill bench --checkpoint ROOM_RUN --data ROOM_ROOT [--format occscannet] [--infos val_subscenes.txt]
 
-Engine-only numbers (forward + argmax on a batch already on the device) for both BEV pooling paths
-(training scatter and the exportable precomputed plan), the per-stage breakdown (backbone, neck,
-depth net, pooling, BEV encoder, head, argmax), FLOPs and peak memory. With ``--data`` the
-batch comes from the dataset and the end-to-end latency (read, decode, resize, collate, transfer,
-forward, argmax) and the data pipeline time per sample are reported too; without it the input is
-random images on the nuScenes 6-camera rig (real calibration from ../shared/realdata if present).
-See :mod:`occdistill.deploy.bench` for what each number measures.
+Every model kind the engine trains (``model.kind`` of the training config or checkpoint):
+engine-only numbers (forward + labels on a batch already on the device), the per-stage breakdown,
+FLOPs and peak memory. The stages are the kind's:
 
-Side by side (one interleaved run; medians, p90, peak memory, engine-only and end-to-end):
+- dense: backbone, neck, depth_net, pooling, bev_encoder, head, argmax; timed on both BEV pooling
+  paths (training scatter and the exportable precomputed plan; ``--no-export-path``: the first);
+- sparse: backbone, neck, decoder (all layers), voxelize (final points -> voxel labels);
+- gaussian: backbone, neck, lift (depth distribution, initial Gaussians), refine (all blocks),
+  splat (Gaussians -> voxel probabilities), argmax.
+
+With ``--data`` the batch comes from the dataset and the end-to-end latency (read, decode, resize,
+collate, transfer, forward, labels) and the data pipeline time per sample are reported too
+(``--format occ3d`` needs ``--infos``; ``occscannet``, e.g. ``occdistill synth --preset room``,
+reads every frame under ROOT or the split list given as ``--infos``). Without it the input is
+random images on a synthetic rig chosen by the format: occ3d the nuScenes 6-camera rig (real
+calibration from ../shared/realdata if present), occscannet one ScanNet-like camera. The format
+defaults to the training config's ``data.format``, else occ3d. See :mod:`occdistill.deploy.bench`
+for what each number measures.
+
+Side by side (dense student only; one interleaved run; medians, p90, peak memory, engine-only and
+end-to-end):
 
     occdistill bench --checkpoint RUN --data ROOT --infos VAL.pkl --variants eager@1,eager@2,compile,ort-fp32,ort-int8
     occdistill bench --checkpoint RUN --data ROOT --infos VAL.pkl --side-by-side --onnx-dir deploy/
@@ -30,18 +43,37 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile of a model"
+HELP = "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile of a dense, sparse or gaussian model"
+# Literal (not built from occdistill.deploy.bench.KIND_STAGES: --help must not import torch); a test
+# keeps the two in step.
+EPILOG = """\
+stages per model kind (model.kind of the config or checkpoint):
+  dense     backbone, neck, depth_net, pooling, bev_encoder, head, argmax
+            (timed on the train and export pooling paths)
+  sparse    backbone, neck, decoder (all layers), voxelize
+  gaussian  backbone, neck, lift (depth distribution, initial Gaussians), refine (all blocks), splat, argmax
+
+examples:
+  occdistill bench --config street-tiny --json bench.json
+  occdistill bench --checkpoint RUN --data data/street --infos occdistill_infos_val.pkl
+  occdistill bench --checkpoint ROOM_RUN --data data/room --format occscannet --infos val_subscenes.txt
+  occdistill bench --checkpoint RUN --data data/street --infos VAL.pkl --side-by-side   (dense only)
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the epilog's lines
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="training config (YAML or built-in name, e.g. flashocc-m0) or a dense-model "
-                     "YAML; random weights")
+    src.add_argument("--config", help="training config of any model kind (YAML with model.kind dense, sparse or "
+                     "gaussian, or a built-in name, e.g. flashocc-m0) or a dense-model YAML; random weights")
     src.add_argument("--checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     parser.add_argument("--data", help="dataset root: take the batch from it and measure end-to-end")
-    parser.add_argument("--infos", help="info pickle of the dataset (occ3d format)")
+    parser.add_argument("--infos", help="with --data: the info pickle (occ3d, required) or a split list of frame "
+                        "pickles (occscannet, optional; default every frame under ROOT)")
     parser.add_argument("--format", choices=("occ3d", "occscannet"),
-                        help="dataset format (default: the training config's data.format, else occ3d)")
+                        help="dataset format (default: the training config's data.format, else occ3d); without "
+                        "--data it picks the synthetic rig: occ3d the nuScenes 6 cameras, occscannet one camera")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="with --checkpoint: the EMA weights (default, when present) or the raw weights")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -53,11 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory forward")
-    parser.add_argument("--no-export-path", action="store_true", help="time the training pooling path only")
-    parser.add_argument("--variants", help="side by side: comma list of ENGINE[@THREADS] (eager, compile, ort-fp32, "
-                        "ort-fp16, ort-int8)")
-    parser.add_argument("--side-by-side", action="store_true",
-                        help="side by side with the default variants (eager, compile, ort-fp32, ort-fp16, ort-int8)")
+    parser.add_argument("--no-export-path", action="store_true",
+                        help="dense student: time the training pooling path only")
+    parser.add_argument("--variants", help="side by side (dense student): comma list of ENGINE[@THREADS] (eager, "
+                        "compile, ort-fp32, ort-fp16, ort-int8)")
+    parser.add_argument("--side-by-side", action="store_true", help="side by side (dense student) with the default "
+                        "variants (eager, compile, ort-fp32, ort-fp16, ort-int8)")
     parser.add_argument("--onnx-dir", help="side by side: directory written by `occdistill export` (model.onnx, "
                         "model.fp16.onnx, model.int8.onnx)")
     parser.add_argument("--calib-frames", type=int, default=8,
@@ -78,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
         dataset_inputs,
         format_table,
         load_bench_model,
+        model_kind,
         open_bench_dataset,
         synthetic_inputs,
+        synthetic_rig,
     )
     from occdistill.errors import OccDistillError
     from occdistill.io import atomic_write_json
@@ -103,15 +138,16 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_bench_model(config=args.config, checkpoint=args.checkpoint, overrides=args.overrides,
                               weights=args.weights)
+    model_kind(loaded.model)  # a kind bench cannot profile fails before any data is read
     model = loaded.model.to(device)
+    fmt = args.format or (loaded.data.format if loaded.data is not None else "occ3d")
     dataset = None
     if args.data:
-        fmt = args.format or (loaded.data.format if loaded.data is not None else "occ3d")
         cameras = loaded.data.cameras if loaded.data is not None else ()
         dataset = open_bench_dataset(fmt, args.data, args.infos, model.cfg.image_size, cameras)
         inputs = dataset_inputs(dataset, args.batch, device)
     else:
-        inputs = synthetic_inputs(model, args.batch, device=device)
+        inputs = synthetic_inputs(model, args.batch, rig=synthetic_rig(fmt, model.cfg.image_size), device=device)
     result = benchmark(
         model, inputs, dataset=dataset, model_name=loaded.name, dtype=args.dtype, repeats=args.repeats,
         warmup=args.warmup, count_flops=not args.no_flops, measure_memory=not args.no_memory,

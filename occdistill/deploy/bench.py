@@ -1,26 +1,40 @@
-"""Latency, memory and FLOPs of the dense student, with the per-stage (Amdahl) profile.
+"""Latency, memory and FLOPs of the models the engine trains, with the per-stage (Amdahl) profile.
 
 Seed 000 found that shrinking voxelisation alone was bounded by Amdahl's law: the backbone and the
-data pipeline were fixed costs. This module measures where the time goes:
+data pipeline were fixed costs. This module measures where the time goes, for every model kind of
+:data:`occdistill.models.build.MODEL_KINDS` (dense student, sparse-query student, Gaussian teacher):
 
-- **engine-only**: model forward + argmax on a batch already on the device (what FlashOcc's
-  ``benchmark_trt.py`` reports as FPS, plus the argmax);
+- **engine-only**: model forward + labels on a batch already on the device (what FlashOcc's
+  ``benchmark_trt.py`` reports as FPS, plus the step to class ids: the argmax, or the sparse
+  model's voxelisation of its points);
 - **end-to-end** (with a dataset): read + decode + resize/crop of every sample, collate,
-  ``to(device)``, forward, argmax, one after the other in this process (no loader workers);
+  ``to(device)``, forward, labels, one after the other in this process (no loader workers);
 - **stages** of the engine-only forward, timed by :func:`profiled_forward`, which calls the
-  model's sub-modules one by one and reproduces ``DenseStudent.forward`` exactly (tested):
-  backbone (with input normalisation), neck, depth_net (camera parameters, depth/context convs,
-  softmax), pooling (``LSSViewTransformer.splat``: the depth x context outer product, on the
-  training path also the ego geometry of the frustum, and the BEV pooling), bev_encoder, head
-  (C2H), argmax (to uint8 class ids);
-- **both pooling paths** in one run: the training path (``bev_pool_scatter`` on the batch's
-  geometry) and the exportable path (plan precomputed for the fixed rig of the batch's first
-  sample). Each round runs both paths and one end-to-end batch in turn, so that all of them share
-  the background load of a shared machine; minima are reported next to medians;
+  model's sub-modules one by one and reproduces the model's ``forward`` exactly (tested). The
+  stages depend on the kind (:data:`KIND_STAGES`):
+
+  - dense (:data:`STAGES`): backbone (with input normalisation), neck, depth_net (camera
+    parameters, depth/context convs, softmax), pooling (``LSSViewTransformer.splat``: the depth x
+    context outer product, on the training path also the ego geometry of the frustum, and the BEV
+    pooling), bev_encoder (with the temporal fusion of a temporal student, on a zero history),
+    head (C2H), argmax (to uint8 class ids);
+  - sparse (:data:`SPARSE_STAGES`): backbone (with input normalisation), neck (multi-level FPN),
+    decoder (camera projection matrices, initial points, every decoder layer), voxelize
+    (``SparseOccStudent.voxelize`` of the final points, to uint8 class ids);
+  - gaussian (:data:`GAUSSIAN_STAGES`): backbone, neck, lift (``DistributionLifter``: depth net
+    and rays, depth softmax, selection of the initial means, context gather, the initial Gaussians
+    with the learnable anchors), refine (projection matrices, every refinement block with its
+    Gaussian embedding), splat (probabilistic superposition into voxel probabilities, class
+    reordering, the BEV collapse of the output), argmax (to uint8 class ids);
+- **both pooling paths** of the dense student in one run: the training path
+  (``bev_pool_scatter`` on the batch's geometry) and the exportable path (plan precomputed for the
+  fixed rig of the batch's first sample). Each round runs every path and one end-to-end batch in
+  turn, so that all of them share the background load of a shared machine; minima are reported
+  next to medians. The other kinds have one path, ``forward`` (no BEV pooling to choose);
 - **FLOPs** with ``torch.utils.flop_counter.FlopCounterMode``: formula counts of matmul/conv-type
   ops only (conv, mm, addmm, bmm, einsum through bmm), 2 FLOPs per multiply-add; elementwise ops,
-  softmax, index_add, cumsum, gathers and the argmax count zero. ``gmacs`` = FLOPs / 2 is the unit
-  of mmcv's ``get_flops``, which FlashOcc's published "GFLOPs" come from;
+  softmax, index_add, cumsum, gathers, grid_sample, sorting and the argmax count zero. ``gmacs`` =
+  FLOPs / 2 is the unit of mmcv's ``get_flops``, which FlashOcc's published "GFLOPs" come from;
 - **peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` during one forward minus what was
   allocated before it (the resident weights and inputs); on CPU the increase of the process's peak
   resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after ``malloc_trim``)
@@ -44,23 +58,39 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
 
-from occdistill.deploy.rig import Rig, nuscenes_rig
+from occdistill.deploy.rig import Rig, eval_image_transform, nuscenes_rig
 from occdistill.errors import OccDistillError
+from occdistill.geometry import yaw_transform
+from occdistill.models.build import MODEL_KINDS
 from occdistill.models.dense import DenseOutput, DenseStudent
+from occdistill.models.gaussian import GaussianOutput, GaussianTeacher, img_from_ego_matrices
+from occdistill.models.sparse import SparseOccStudent, SparseOutput
+from occdistill.nn.gaussian_splat import bev_collapse, free_last_to_table, splat_gaussians
 from occdistill.nn.view_transform import camera_parameters
 
-STAGES = ("backbone", "neck", "depth_net", "pooling", "bev_encoder", "head", "argmax")
-PATHS = ("train", "export")  # pooling on the batch geometry (scatter) / precomputed fixed-rig plan
+STAGES = ("backbone", "neck", "depth_net", "pooling", "bev_encoder", "head", "argmax")  # dense student
+SPARSE_STAGES = ("backbone", "neck", "decoder", "voxelize")
+GAUSSIAN_STAGES = ("backbone", "neck", "lift", "refine", "splat", "argmax")
+KIND_STAGES = {"dense": STAGES, "sparse": SPARSE_STAGES, "gaussian": GAUSSIAN_STAGES}
+PATHS = ("train", "export")  # dense: pooling on the batch geometry (scatter) / precomputed fixed-rig plan
+FORWARD_PATH = "forward"  # the one path of the other kinds
+POOLING = {
+    "train": "bev_pool_scatter (per-batch geometry)",
+    "export": "bev_pool_precomputed (fixed rig)",
+    FORWARD_PATH: "none (no BEV pooling in this model)",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FLOP_COUNT_NOTE = (
     "FlopCounterMode counts matmul/conv-type ops only (2 FLOPs per multiply-add); gmacs = flops / 2 "
     "is mmcv get_flops' unit (FlashOcc's published GFLOPs)"
 )
+# The models bench can profile (a staged forward per kind of MODEL_KINDS, see _STAGED_FORWARDS).
+BenchableModel = Union[DenseStudent, SparseOccStudent, GaussianTeacher]
 
 
 @dataclass(frozen=True)
@@ -79,7 +109,8 @@ class StageTiming:
 
 @dataclass(frozen=True)
 class PathProfile:
-    """Engine-only timing of one pooling path (``train`` or ``export``)."""
+    """Engine-only timing of one path: the dense student's ``train`` or ``export`` pooling path, or
+    the other kinds' ``forward``."""
 
     path: str
     pooling: str
@@ -93,21 +124,25 @@ class PathProfile:
         return next(s for s in self.stages if s.name == name)
 
     @property
-    def pooling_share(self) -> float:
-        return self.stage("pooling").share
+    def pooling_share(self) -> float | None:
+        """Share of the BEV pooling stage (None for the kinds without one)."""
+        return next((s.share for s in self.stages if s.name == "pooling"), None)
 
 
 @dataclass(frozen=True)
 class BenchResult:
     """Everything ``occdistill bench`` reports; :meth:`to_dict` is the JSON.
 
-    The headline latency/FPS/stages are the training (scatter) path, the one ``forward`` takes
-    without a fixed rig; ``paths`` has both pooling paths. FPS = samples per second.
-    ``peak_memory_mb``: memory of one engine-only forward + argmax above the resident weights and
+    ``kind``: the model kind (dense, sparse, gaussian); the stage names are that kind's
+    (:data:`KIND_STAGES`). The headline latency/FPS/stages are the first path: for the dense
+    student the training (scatter) path, the one ``forward`` takes without a fixed rig; ``paths``
+    has both pooling paths (the other kinds: the one ``forward`` path). FPS = samples per second.
+    ``peak_memory_mb``: memory of one engine-only forward + labels above the resident weights and
     inputs (``peak_memory_kind`` says how it was measured); ``model_memory_mb``: parameters + buffers.
     """
 
     model: str
+    kind: str
     device: str
     dtype: str
     batch: int
@@ -146,8 +181,9 @@ class BenchResult:
         return next(p for p in self.paths if p.path == name)
 
     @property
-    def pooling_share(self) -> float:
-        return next(s.share for s in self.stages if s.name == "pooling")
+    def pooling_share(self) -> float | None:
+        """Share of the dense student's BEV pooling stage (None for the other kinds)."""
+        return self.paths[0].pooling_share
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -175,9 +211,10 @@ class EngineInputs:
 
 @dataclass
 class StagedOutput:
-    """:func:`profiled_forward`'s result: the model output and the argmax labels (B, X, Y, Z) uint8."""
+    """:func:`profiled_forward`'s result: the model's output (the dataclass its ``forward``
+    returns) and the labels (B, X, Y, Z) uint8 class ids."""
 
-    output: DenseOutput
+    output: DenseOutput | SparseOutput | GaussianOutput
     labels: torch.Tensor
 
 
@@ -219,27 +256,65 @@ class StageClock:
         return sum(self.seconds.values())
 
 
+Lap = Callable[[str], None]  # marks the end of the named stage
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """The kind (dense, sparse, gaussian) of a model bench can profile; an error for anything else
+    (the sparse student's depth-prior branch needs a prior depth map per frame, which neither bench
+    nor the training engine feeds)."""
+    kind = next((k for k, (_, cls) in MODEL_KINDS.items() if isinstance(model, cls)), None)
+    if kind not in _STAGED_FORWARDS:  # also a kind added to MODEL_KINDS without its staged forward here
+        raise OccDistillError(f"bench profiles {', '.join(_STAGED_FORWARDS)} models; got a {type(model).__name__}")
+    if kind == "sparse" and model.cfg.depth_prior:
+        raise OccDistillError("bench does not profile the sparse depth-prior branch (cfg.depth_prior): it needs a "
+                              "prior depth map per frame; benchmark a model without it")
+    return kind
+
+
 def predict_labels(voxel_logits: torch.Tensor) -> torch.Tensor:
     """(B, X, Y, Z, K) logits -> (B, X, Y, Z) uint8 class ids (softmax is monotonic: not needed)."""
     return voxel_logits.argmax(dim=-1).to(torch.uint8)
 
 
+def output_labels(model: BenchableModel, output: DenseOutput | SparseOutput | GaussianOutput) -> torch.Tensor:
+    """A model's output -> (B, X, Y, Z) uint8 class ids, as the engine's evaluation predicts them:
+    the sparse student voxelises its final points, the others take the argmax of the voxel logits."""
+    if isinstance(model, SparseOccStudent):
+        return model.voxelize(output).to(torch.uint8)
+    return predict_labels(output.voxel_logits)
+
+
+def forward_labels(model: BenchableModel, *cams: torch.Tensor) -> torch.Tensor:
+    """``model(images, intrinsics, img_from_raw, ego_from_cam)`` -> uint8 labels, unstaged (no
+    synchronisation between stages: the CUDA latency, end-to-end and memory samples)."""
+    return output_labels(model, model(*cams))
+
+
 def profiled_forward(
-    model: DenseStudent,
+    model: BenchableModel,
     images: torch.Tensor,
     intrinsics: torch.Tensor,
     img_from_raw: torch.Tensor,
     ego_from_cam: torch.Tensor,
     clock: StageClock | None = None,
 ) -> StagedOutput:
-    """``DenseStudent.forward`` + argmax, sub-module by sub-module, with a lap of ``clock`` after
-    every stage of :data:`STAGES`. Must stay numerically identical to ``forward`` (tested)."""
+    """The model's ``forward`` + labels, sub-module by sub-module, with a lap of ``clock`` after
+    every stage of the model's kind (:data:`KIND_STAGES`). Must stay numerically identical to
+    ``forward`` and :func:`output_labels` (tested for every kind)."""
+    staged = _STAGED_FORWARDS[model_kind(model)]
+    if tuple(images.shape[-2:]) != tuple(model.cfg.image_size):
+        raise OccDistillError(f"images are {tuple(images.shape[-2:])}, the model expects {model.cfg.image_size}")
     lap = clock.lap if clock is not None else (lambda name: None)
     if clock is not None:
         clock.start()
+    return staged(model, images, intrinsics, img_from_raw, ego_from_cam, lap)
+
+
+def _dense_stages(model: DenseStudent, images: torch.Tensor, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
+                  ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
+    """``DenseStudent.forward`` (no history: a temporal student fuses zeros, as at a scene start)."""
     batch, cams = images.shape[:2]
-    if tuple(images.shape[-2:]) != model.cfg.image_size:
-        raise OccDistillError(f"images are {tuple(images.shape[-2:])}, the model expects {model.cfg.image_size}")
     # image_features(): (B, N, 3, H, W) -> (B*N, 3, H, W), normalise, ResNet, FPN -> (B, N, C, h, w)
     x = (images.flatten(0, 1) - model.pixel_mean) / model.pixel_std
     pyramid = model.backbone(x)  # per-stage feature maps of the out_indices
@@ -258,23 +333,97 @@ def profiled_forward(
     depth = depth_logits.softmax(dim=1).view(batch, cams, -1, h, w)  # (B, N, D, h, w)
     context = context.view(batch, cams, vt.context_channels, h, w)  # (B, N, C, h, w)
     lap("depth_net")
-    bev = vt.splat(depth, context, intrinsics, img_from_raw, ego_from_cam)  # (B, C, X, Y)
+    lifted = vt.splat(depth, context, intrinsics, img_from_raw, ego_from_cam)  # (B, C, X, Y)
     lap("pooling")
+    bev = lifted
+    if model.cfg.temporal_frames:  # history (B, F, C, X, Y) of zeros: forward's default without history
+        bev = model.temporal(bev, bev.new_zeros((batch, model.cfg.temporal_frames, *bev.shape[1:])))
     bev = model.bev_encoder(bev)
     lap("bev_encoder")
     logits = model.head(bev)  # (B, X, Y, Z, K)
     lap("head")
     labels = predict_labels(logits)
     lap("argmax")
-    out = DenseOutput(voxel_logits=logits, bev_feature=bev, depth=depth, image_features=feats)
+    out = DenseOutput(voxel_logits=logits, bev_feature=bev, depth=depth, image_features=feats, lifted_bev=lifted)
     return StagedOutput(output=out, labels=labels)
 
 
-def count_stage_flops(model: DenseStudent, inputs: EngineInputs) -> dict[str, int]:
+def _sparse_stages(model: SparseOccStudent, images: torch.Tensor, intrinsics: torch.Tensor,
+                   img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
+    """``SparseOccStudent.forward`` without extra query groups or depth prior, then ``voxelize``."""
+    batch, cams = images.shape[:2]
+    # image_features(): (B*N, 3, H, W) normalised -> ResNet -> L FPN levels (B, N, C_f, h_l, w_l)
+    x = (images.flatten(0, 1) - model.pixel_mean) / model.pixel_std
+    pyramid = model.backbone(x)
+    lap("backbone")
+    feats = [f.view(batch, cams, *f.shape[1:]) for f in model.neck(pyramid)]
+    lap("neck")
+    proj = model.img_from_ego(intrinsics, img_from_raw, ego_from_cam)  # (B, N, 3, 4)
+    init = model.initial_points(batch)  # (B, Q, 3) metres
+    layers = model.decode(init, feats, proj, None)
+    lap("decoder")
+    out = SparseOutput(init_points=init, layers=layers, image_features=feats, extra={}, grid=model.grid,
+                       classes=model.classes)
+    labels = output_labels(model, out)
+    lap("voxelize")
+    return StagedOutput(output=out, labels=labels)
+
+
+def _gaussian_stages(model: GaussianTeacher, images: torch.Tensor, intrinsics: torch.Tensor,
+                     img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
+    """``GaussianTeacher.forward`` then the argmax."""
+    cfg = model.cfg
+    batch, cams = images.shape[:2]
+    # image_features(): (B*N, 3, H, W) normalised -> ResNet -> L FPN levels (B, N, C, h_l, w_l), fine to coarse
+    x = (images.flatten(0, 1) - model.pixel_mean) / model.pixel_std
+    pyramid = model.backbone(x)
+    lap("backbone")
+    feats = [f.view(batch, cams, *f.shape[1:]) for f in model.neck(pyramid)]
+    lap("neck")
+    depth_logits, context, rays = model.lifter(feats[0], intrinsics, img_from_raw, ego_from_cam)
+    init_depth = depth_logits.softmax(dim=2)  # (B, N, D+1, h, w)
+    means, ray_index = model.lifter.select(init_depth, rays)  # (B, G0, 3), (B, G0)
+    ctx = context.permute(0, 1, 3, 4, 2).flatten(1, 3)  # (B, N*h*w, E)
+    lifted = ctx.gather(1, ray_index[..., None].expand(-1, -1, ctx.shape[-1]))  # (B, G0, E)
+    g, x = model.initial_gaussians(means, lifted)
+    lap("lift")
+    img_from_ego = img_from_ego_matrices(intrinsics, img_from_raw, ego_from_cam).to(x.dtype)  # (B, N, 3, 4)
+    history = [g]
+    for block in model.blocks:
+        x, g = block(x, g, model.embedding(g), feats, img_from_ego)
+        history.append(g)
+    lap("refine")
+    splat = splat_gaussians(
+        g.means, g.scales, g.rotations, g.opacities, g.semantics, model.grid,
+        cutoff=cfg.cutoff, chunk_size=cfg.splat_chunk, opacity_in_geometry=cfg.opacity_in_geometry,
+        density_normalised=cfg.density_normalised, checkpoint=cfg.splat_checkpoint,
+    )
+    probs = free_last_to_table(splat.probs, cfg.free_index)  # (B, X, Y, Z, K) in the table's order
+    log_probs = free_last_to_table(splat.log_probs, cfg.free_index)
+    free_index = cfg.free_index % cfg.num_classes
+    # Not needed for the labels, but part of forward's output (the teacher's BEV target).
+    bev = bev_collapse(probs, free_index).permute(0, 3, 1, 2)  # (B, X, Y, K) -> (B, K, X, Y)
+    lap("splat")
+    labels = predict_labels(log_probs)
+    lap("argmax")
+    out = GaussianOutput(
+        voxel_probs=probs, voxel_logits=log_probs, bev_feature=bev, init_depth=init_depth,
+        init_depth_logits=depth_logits, init_rays=rays, gaussians=history, features=x, grid=model.grid,
+        free_index=free_index, splat_pairs=splat.pairs,
+    )
+    return StagedOutput(output=out, labels=labels)
+
+
+_STAGED_FORWARDS: dict[str, Callable[..., StagedOutput]] = {
+    "dense": _dense_stages, "sparse": _sparse_stages, "gaussian": _gaussian_stages,
+}
+
+
+def count_stage_flops(model: BenchableModel, inputs: EngineInputs) -> dict[str, int]:
     """FLOPs of each stage of one forward (FlopCounterMode: matmul/conv-type ops, 2 per multiply-add).
 
-    Runs with the model's current pooling path; only the training path's frustum geometry (an
-    einsum) counts anything in the pooling stage.
+    A dense student runs with its current pooling path; only the training path's frustum geometry
+    (an einsum) counts anything in the pooling stage.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -322,8 +471,9 @@ def load_bench_model(
 ) -> BenchModel:
     """The model of a config (random weights) or of a checkpoint.
 
-    ``config``: a training config (YAML with any of the sections data/model/optim/loss/runtime,
-    or a built-in name such as ``street-tiny``; built by :func:`occdistill.models.build.build_model`)
+    ``config``: a training config of any model kind (YAML with any of the sections
+    data/model/optim/loss/distill/runtime, e.g. ``model: {kind: sparse, sparse: {...}}``, or a
+    built-in name such as ``street-tiny``; built by :func:`occdistill.models.build.build_model`)
     or a bare dense-model YAML (the fields of :class:`DenseStudentConfig`); ``overrides`` are
     ``key=value`` in that file's key space. ``checkpoint``: a checkpoint or run directory
     (:func:`occdistill.engine.checkpoint.load_checkpoint`), with its EMA weights when ``weights``
@@ -354,8 +504,39 @@ def load_bench_model(
 # inputs
 
 
+OCCSCANNET_RAW_SIZE = (480, 640)  # (H, W): ISO's Occ-ScanNet input
+
+
+def occscannet_rig(image_size: tuple[int, int]) -> Rig:
+    """One ScanNet-like camera in the Occ-ScanNet ego frame (origin at the bottom centre of the
+    label grid, z up) at network input ``image_size``: 640x480 raw images, focal length 578 px
+    (ScanNet's 640x480 depth camera), 1.4 m high, level, 2 m behind the grid centre looking along +x
+    so that the 4.8 m grid is in view. Occ-ScanNet frames have one camera: timing a model trained on
+    them on the 6-camera nuScenes rig would cost 6x its real forward."""
+    k = np.array([[578.0, 0.0, 320.0], [0.0, 578.0, 240.0], [0.0, 0.0, 1.0]])
+    # OpenCV camera axes (x right, y down, z forward) -> ego (x forward, y left, z up).
+    ego_from_opencv = np.array(
+        [[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    pose = yaw_transform(0.0, -2.0, 0.0, 1.4) @ ego_from_opencv
+    aug = eval_image_transform(OCCSCANNET_RAW_SIZE, image_size)
+    as_tensor = lambda a: torch.from_numpy(np.asarray(a)[None]).float()  # noqa: E731  (1, ...) float32
+    return Rig(as_tensor(k), as_tensor(aug), as_tensor(pose), "synthetic Occ-ScanNet-like single camera",
+               camera_names=("CAM",), raw_size=OCCSCANNET_RAW_SIZE)
+
+
+def synthetic_rig(fmt: str, image_size: tuple[int, int]) -> Rig:
+    """The rig of engine-only runs without a dataset: a model for ``fmt`` data ("occ3d": the
+    nuScenes 6-camera rig of :func:`nuscenes_rig`; "occscannet": :func:`occscannet_rig`)."""
+    if fmt == "occ3d":
+        return nuscenes_rig(image_size)
+    if fmt == "occscannet":
+        return occscannet_rig(image_size)
+    raise OccDistillError(f"unknown dataset format {fmt!r} (occ3d or occscannet)")
+
+
 def synthetic_inputs(
-    model: DenseStudent, batch: int = 1, rig: Rig | None = None, device: str | torch.device = "cpu", seed: int = 0
+    model: BenchableModel, batch: int = 1, rig: Rig | None = None, device: str | torch.device = "cpu", seed: int = 0
 ) -> EngineInputs:
     """Random images at the model's input size on a camera rig (default: the nuScenes rig of
     :func:`nuscenes_rig`, real calibration when available)."""
@@ -367,13 +548,29 @@ def synthetic_inputs(
     return EngineInputs(images.to(device), k, aug, pose, source="synthetic random images", rig=rig.source)
 
 
+def _data_file(root: Path, name: str | Path, what: str) -> Path:
+    """``name`` as given, else under ``root``; an error naming it when neither exists."""
+    from occdistill.errors import DataError
+
+    p = Path(name)
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (root / p).is_file():
+        return root / p
+    raise DataError(f"{name}: {what} not found")
+
+
 def open_bench_dataset(
     fmt: str, data_root: str | Path, infos: str | Path | None, image_size: tuple[int, int],
     cameras: Sequence[str] = (), image_aug: Any = None,
 ):
     """An evaluation-mode dataset (no labels: deployment does not read them) whose images are
-    resized/cropped to the network input ``image_size``; ``cameras`` orders the Occ3D cameras
-    (empty: the order of the infos). ``image_aug``: the training config's ImageAugConfig (its
+    resized/cropped to the network input ``image_size``.
+
+    ``fmt`` "occ3d": ``infos`` is the info pickle (required), ``cameras`` orders the cameras
+    (empty: the order of the infos). "occscannet" (``occdistill synth --preset room`` writes it):
+    ``infos`` is an optional split list of frame pickles (e.g. ``val_subscenes.txt``; None: every
+    frame under the root), one camera. ``image_aug``: the training config's ImageAugConfig (its
     evaluation transform is used), default a bottom-aligned cover resize to ``image_size``."""
     from occdistill.data.augment import ImageAugConfig
     from occdistill.errors import DataError
@@ -389,14 +586,13 @@ def open_bench_dataset(
 
         if infos is None:
             raise DataError("format occ3d needs an info pickle (--infos)")
-        p = Path(infos)
-        if not (p.is_file() or (not p.is_absolute() and (root / p).is_file())):
-            raise DataError(f"{infos}: info file not found")
+        _data_file(root, infos, "info file")
         ds = Occ3DDataset(root, infos, image_aug=aug, with_labels=False, cameras=tuple(cameras) or None)
     elif fmt == "occscannet":
         from occdistill.data.occscannet import OccScanNetDataset
 
-        ds = OccScanNetDataset(root, image_aug=aug, with_labels=False)
+        split = _data_file(root, infos, "split file") if infos is not None else None
+        ds = OccScanNetDataset(root, split_file=split, image_aug=aug, with_labels=False)
     else:
         raise DataError(f"unknown dataset format {fmt!r} (occ3d or occscannet)")
     if len(ds) == 0:
@@ -513,7 +709,8 @@ def _autocast(device: torch.device, dtype: str):
 
 def _path_profile(path: str, stage_samples: list[dict[str, float]], latency: list[float], batch: int,
                   flops: dict[str, int] | None) -> PathProfile:
-    medians = {s: _ms([r[s] for r in stage_samples]) for s in STAGES}
+    names = tuple(stage_samples[0])  # the laps' order: the kind's stages
+    medians = {s: _ms([r[s] for r in stage_samples]) for s in names}
     total = sum(m for m, _ in medians.values())
     stages = tuple(
         StageTiming(s, _r(m), _r(p), _r(1e3 * min(r[s] for r in stage_samples)), _r(m / total, 4),
@@ -521,13 +718,128 @@ def _path_profile(path: str, stage_samples: list[dict[str, float]], latency: lis
         for s, (m, p) in medians.items()
     )
     lat_med, lat_p90 = _ms(latency)
-    pooling = "bev_pool_scatter (per-batch geometry)" if path == "train" else "bev_pool_precomputed (fixed rig)"
-    return PathProfile(path, pooling, _r(lat_med), _r(lat_p90), _r(1e3 * min(latency)), _r(1e3 * batch / lat_med, 2),
-                       stages)
+    return PathProfile(path, POOLING[path], _r(lat_med), _r(lat_p90), _r(1e3 * min(latency)),
+                       _r(1e3 * batch / lat_med, 2), stages)
+
+
+@dataclass
+class _Rounds:
+    """Seconds sampled in the timed rounds: per path the stage laps and the engine latency; the
+    end-to-end batches and their data-pipeline part."""
+
+    stages: dict[str, list[dict[str, float]]]
+    latency: dict[str, list[float]]
+    end_to_end: list[float]
+    data: list[float]
+
+
+def _bench_paths(model: BenchableModel, kind: str, inputs: EngineInputs,
+                 export_path: bool) -> tuple[dict[str, Callable[[], None]], float | None]:
+    """The paths to time, each with the call that puts the model on it (first: the path ``forward``
+    takes by default), and the ms the dense export path's pooling plan took to build."""
+    if kind != "dense":
+        return {FORWARD_PATH: lambda: None}, None
+    vt = model.view_transform
+    paths = {"train": lambda: setattr(vt, "fixed_pool", None)}
+    if not export_path:
+        return paths, None
+    device = inputs.images.device
+    sync(device)
+    t = time.perf_counter()
+    model.set_fixed_rig(inputs.intrinsics[0], inputs.img_from_raw[0], inputs.ego_from_cam[0])
+    sync(device)
+    plan_ms = 1e3 * (time.perf_counter() - t)
+    plan = vt.fixed_pool
+    paths["export"] = lambda: setattr(vt, "fixed_pool", plan)
+    return paths, plan_ms
+
+
+def _engine_seconds(model: BenchableModel, inputs: EngineInputs, clock: StageClock) -> float:
+    """One engine-only latency sample: on CUDA a separate forward without the stage
+    synchronisations; on CPU (synchronisation is a no-op) the profiled forward's own time."""
+    device = inputs.images.device
+    if device.type != "cuda":
+        return clock.total
+    sync(device)
+    t = time.perf_counter()
+    forward_labels(model, *inputs.args())
+    sync(device)
+    return time.perf_counter() - t
+
+
+def _end_to_end_seconds(model: BenchableModel, dataset: Any, start: int, batch: int,
+                        device: torch.device) -> tuple[float, float]:
+    """Seconds of one end-to-end batch (samples ``start``.., cycled) and of its data pipeline
+    (read, decode, resize, collate, transfer)."""
+    from occdistill.data.sample import collate
+
+    sync(device)
+    t0 = time.perf_counter()
+    b = collate([dataset[i] for i in _indices(start, batch, len(dataset))]).to(device)
+    sync(device)
+    t1 = time.perf_counter()
+    forward_labels(model, b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam)
+    sync(device)
+    return time.perf_counter() - t0, t1 - t0
+
+
+def _timed_rounds(model: BenchableModel, inputs: EngineInputs, paths: dict[str, Callable[[], None]], dataset: Any,
+                  repeats: int, warmup: int, progress: bool) -> _Rounds:
+    """``warmup`` + ``repeats`` rounds, each: every path's profiled forward, then one end-to-end
+    batch on the first path (for the dense student the training path, as ``forward`` runs it).
+    Leaves the model on the first path."""
+    device = inputs.images.device
+    batch = inputs.images.shape[0]
+    out = _Rounds({p: [] for p in paths}, {p: [] for p in paths}, [], [])
+    first = next(iter(paths))
+    rounds = range(warmup + repeats)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="bench", unit="round", file=sys.stderr, dynamic_ncols=True)
+    for rep in rounds:
+        timed = rep >= warmup
+        for path, use in paths.items():
+            use()
+            clock = StageClock(device)
+            profiled_forward(model, *inputs.args(), clock=clock)
+            latency = _engine_seconds(model, inputs, clock)
+            if timed:
+                out.stages[path].append(dict(clock.seconds))
+                out.latency[path].append(latency)
+        paths[first]()
+        if dataset is not None:
+            e2e, data = _end_to_end_seconds(model, dataset, rep * batch, batch, device)
+            if timed:
+                out.end_to_end.append(e2e)
+                out.data.append(data)
+    return out
+
+
+# What autocast does not reach, per kind (each computes it in at least float32 on purpose).
+_FLOAT32_PARTS = {"dense": "the BEV pooling", "sparse": "the voxelisation", "gaussian": "the splat"}
+
+
+def _notes(model: BenchableModel, kind: str, paths: Sequence[str], batch: int, dataset: Any, dtype: str) -> list[str]:
+    notes = [FLOP_COUNT_NOTE]
+    if "export" in paths and (batch > 1 or dataset is not None):
+        notes.append("export path: pooling plan of the first sample's rig, used for every sample")
+    if kind == "dense" and model.cfg.temporal_frames:
+        notes.append("temporal student: fused with a zero history (forward without history, as at a scene start); "
+                     "the fusion is timed in bev_encoder")
+    if dataset is None:
+        notes.append("no dataset: end-to-end and data pipeline not measured (pass --data)")
+    else:
+        notes.append("end-to-end: dataset read + collate + to(device) + forward + labels, sequential, "
+                     "no loader workers")
+    if dtype != "float32":
+        notes.append(f"{dtype}: torch.autocast; {_FLOAT32_PARTS[kind]} runs in float32 by design; FLOPs counted "
+                     "without autocast (the same counts)")
+    return notes
 
 
 def benchmark(
-    model: DenseStudent,
+    model: BenchableModel,
     inputs: EngineInputs,
     *,
     dataset: Any = None,
@@ -540,113 +852,60 @@ def benchmark(
     export_path: bool = True,
     progress: bool = False,
 ) -> BenchResult:
-    """Benchmark ``model`` (eval mode, inference mode) on ``inputs`` (already on the model's device).
+    """Benchmark ``model`` (a dense, sparse or gaussian model; eval mode, inference mode) on
+    ``inputs`` (already on the model's device).
 
     With ``dataset`` (samples at the model's input size, see :func:`open_bench_dataset`), also the
-    end-to-end latency and the data pipeline per sample. Every round runs the training path, the
-    exportable path and one end-to-end batch in turn, so that all of them share the background
-    load of a shared machine. The model's mode and fixed-rig state are restored.
+    end-to-end latency and the data pipeline per sample. ``export_path`` (dense student only): also
+    time the exportable pooling path. Every round runs every path and one end-to-end batch in turn,
+    so that all of them share the background load of a shared machine. The model's mode and (dense)
+    fixed-rig state are restored.
     """
-    if not isinstance(model, DenseStudent):
-        raise OccDistillError(f"bench profiles dense students; got a {type(model).__name__}")
+    kind = model_kind(model)
     if dtype not in DTYPES:
         raise OccDistillError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if repeats < 1 or warmup < 0:
         raise OccDistillError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    from occdistill.data.sample import collate
-
     device = inputs.images.device
-    batch, cams = inputs.images.shape[:2]
     machine = machine_info(device)
-    vt = model.view_transform
-    was_training, original_plan = model.training, vt.fixed_pool
+    was_training = model.training
+    original_plan = model.view_transform.fixed_pool if kind == "dense" else None
     model.eval()
-    notes = [FLOP_COUNT_NOTE]
     try:
-        plans: dict[str, Any] = {"train": None}
-        plan_ms = None
-        if export_path:
-            sync(device)
-            t = time.perf_counter()
-            model.set_fixed_rig(inputs.intrinsics[0], inputs.img_from_raw[0], inputs.ego_from_cam[0])
-            sync(device)
-            plan_ms = 1e3 * (time.perf_counter() - t)
-            plans["export"] = vt.fixed_pool
-            if batch > 1 or dataset is not None:
-                notes.append("export path: pooling plan of the first sample's rig, used for every sample")
-
-        stage_samples: dict[str, list[dict[str, float]]] = {p: [] for p in plans}
-        latency: dict[str, list[float]] = {p: [] for p in plans}
-        e2e, data_times = [], []
-        rounds = range(warmup + repeats)
-        if progress:
-            from tqdm import tqdm
-
-            rounds = tqdm(rounds, desc="bench", unit="round", file=sys.stderr, dynamic_ncols=True)
+        paths, plan_ms = _bench_paths(model, kind, inputs, export_path)
         with torch.inference_mode(), _autocast(device, dtype):
-            for rep in rounds:
-                for path, plan in plans.items():
-                    vt.fixed_pool = plan
-                    clock = StageClock(device)
-                    profiled_forward(model, *inputs.args(), clock=clock)
-                    if device.type == "cuda":
-                        sync(device)
-                        t = time.perf_counter()
-                        predict_labels(model(*inputs.args()).voxel_logits)
-                        sync(device)
-                        lat = time.perf_counter() - t
-                    else:
-                        lat = clock.total
-                    if rep >= warmup:
-                        stage_samples[path].append(dict(clock.seconds))
-                        latency[path].append(lat)
-                if dataset is not None:  # end-to-end on the training path, as forward() runs it
-                    vt.fixed_pool = None
-                    sync(device)
-                    t0 = time.perf_counter()
-                    b = collate([dataset[i] for i in _indices(rep * batch, batch, len(dataset))]).to(device)
-                    sync(device)
-                    t1 = time.perf_counter()
-                    predict_labels(model(b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam).voxel_logits)
-                    sync(device)
-                    t2 = time.perf_counter()
-                    if rep >= warmup:
-                        e2e.append(t2 - t0)
-                        data_times.append(t1 - t0)
-
-            vt.fixed_pool = None
-            flops_by_stage = count_stage_flops(model, inputs) if count_flops else None
+            rounds = _timed_rounds(model, inputs, paths, dataset, repeats, warmup, progress)
             peak_mb, peak_kind = None, "not measured"
             if measure_memory:
-                peak_mb, peak_kind = measure_peak_memory(
-                    lambda: predict_labels(model(*inputs.args()).voxel_logits), device
-                )
+                peak_mb, peak_kind = measure_peak_memory(lambda: forward_labels(model, *inputs.args()), device)
+        # Outside autocast: the counts depend on shapes only, and FlopCounterMode's einsum under
+        # autocast fails on mixed float32/low-precision operands (the Gaussian key points).
+        with torch.inference_mode():
+            flops_by_stage = count_stage_flops(model, inputs) if count_flops else None
     finally:
-        vt.fixed_pool = original_plan
+        if kind == "dense":
+            model.view_transform.fixed_pool = original_plan
         model.train(was_training)
 
+    batch, cams = inputs.images.shape[:2]
     profiles = tuple(
-        _path_profile(p, stage_samples[p], latency[p], batch, flops_by_stage if p == "train" else None)
-        for p in plans
+        _path_profile(p, rounds.stages[p], rounds.latency[p], batch, flops_by_stage if i == 0 else None)
+        for i, p in enumerate(paths)
     )
-    train = profiles[0]
-    export = profiles[1] if len(profiles) > 1 else None
+    main = profiles[0]
+    export = next((p for p in profiles if p.path == "export"), None)
     total_flops = sum(flops_by_stage.values()) if flops_by_stage is not None else None
+    e2e = rounds.end_to_end
     e2e_med, e2e_p90 = _ms(e2e) if e2e else (None, None)
-    data_med = _ms(data_times)[0] if data_times else None
-    if dataset is None:
-        notes.append("no dataset: end-to-end and data pipeline not measured (pass --data)")
-    else:
-        notes.append("end-to-end: dataset read + collate + to(device) + forward + argmax, sequential, "
-                     "no loader workers")
-    if dtype != "float32":
-        notes.append(f"{dtype}: torch.autocast; the BEV pooling runs in float32 by design")
+    data_med = _ms(rounds.data)[0] if rounds.data else None
+    notes = _notes(model, kind, tuple(paths), batch, dataset, dtype)
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return BenchResult(
         model=model_name,
+        kind=kind,
         device=str(device),
         dtype=dtype,
         batch=int(batch),
@@ -656,16 +915,16 @@ def benchmark(
         rig=inputs.rig,
         repeats=repeats,
         warmup=warmup,
-        latency_median_ms=train.latency_median_ms,
-        latency_p90_ms=train.latency_p90_ms,
-        latency_min_ms=train.latency_min_ms,
-        fps=train.fps,
-        stages=train.stages,
+        latency_median_ms=main.latency_median_ms,
+        latency_p90_ms=main.latency_p90_ms,
+        latency_min_ms=main.latency_min_ms,
+        fps=main.fps,
+        stages=main.stages,
         paths=profiles,
         export_plan_ms=_r(plan_ms),
-        export_over_train_latency=None if export is None else _r(export.latency_median_ms / train.latency_median_ms),
+        export_over_train_latency=None if export is None else _r(export.latency_median_ms / main.latency_median_ms),
         export_over_train_pooling=None if export is None else _r(
-            export.stage("pooling").median_ms / train.stage("pooling").median_ms),
+            export.stage("pooling").median_ms / main.stage("pooling").median_ms),
         params=int(params),
         flops=None if total_flops is None else int(total_flops),
         gflops=None if total_flops is None else _r(total_flops / 1e9),
@@ -685,14 +944,15 @@ def benchmark(
 
 
 def format_table(result: BenchResult) -> str:
-    """A short human-readable table: stage medians (ms) and shares for both pooling paths."""
+    """A short human-readable table: stage medians (ms) and shares for every path (the dense
+    student's two pooling paths, or the other kinds' forward), the kind's stages."""
     names = [p.path for p in result.paths]
     head = f"{'stage':14s}" + "".join(f"{n + ' ms':>12s}{'share':>8s}" for n in names)
     if result.paths[0].stages[0].gflops is not None:
         head += f"{'GFLOPs':>9s}"
     lines = [f"{result.model} on {result.device} ({result.dtype}, batch {result.batch}, {result.cameras} cams "
              f"{result.image_size[0]}x{result.image_size[1]}), median of {result.repeats}", head]
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(s.name for s in result.paths[0].stages):
         row = f"{stage:14s}"
         for p in result.paths:
             s = p.stages[i]
@@ -991,6 +1251,8 @@ def side_by_side(
     A variant that fails (torch.compile without a compiler, a missing file) is reported, not raised;
     at least one eager variant must run (it is the reference and the baseline).
     """
+    if not isinstance(model, DenseStudent):  # the variants run the exported dense graph
+        raise OccDistillError(f"the side-by-side benchmarks the dense student; got a {type(model).__name__}")
     if repeats < 1 or warmup < 0:
         raise OccDistillError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if input_format not in ("uint8", "float32"):
@@ -1229,9 +1491,10 @@ def format_side_by_side(result: SideBySideResult) -> str:
 
 
 __all__ = [
-    "BenchModel", "BenchResult", "DEFAULT_VARIANTS", "ENGINES", "EngineInputs", "MatmulPeak", "PATHS", "PathProfile",
-    "STAGES", "SideBySideResult", "StageClock", "StageTiming", "StagedOutput", "VARIANTS", "VariantResult",
-    "benchmark", "count_export_flops", "count_stage_flops", "dataset_inputs", "format_side_by_side", "format_table",
-    "load_bench_model", "machine_info", "measure_peak_memory", "open_bench_dataset", "parse_variant",
-    "predict_labels", "profiled_forward", "side_by_side", "synthetic_inputs",
+    "BenchModel", "BenchResult", "BenchableModel", "DEFAULT_VARIANTS", "ENGINES", "EngineInputs", "GAUSSIAN_STAGES",
+    "KIND_STAGES", "MatmulPeak", "PATHS", "PathProfile", "SPARSE_STAGES", "STAGES", "SideBySideResult", "StageClock",
+    "StageTiming", "StagedOutput", "VARIANTS", "VariantResult", "benchmark", "count_export_flops", "count_stage_flops",
+    "dataset_inputs", "format_side_by_side", "format_table", "forward_labels", "load_bench_model", "machine_info",
+    "measure_peak_memory", "model_kind", "occscannet_rig", "open_bench_dataset", "output_labels", "parse_variant",
+    "predict_labels", "profiled_forward", "side_by_side", "synthetic_inputs", "synthetic_rig",
 ]

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("occdistill.cli.score", "evaluate saved prediction files against GT files"),
     "train": ("occdistill.cli.train", "train a model from a config (resumable; multi-GPU through torchrun)"),
     "eval": ("occdistill.cli.eval", "evaluate a checkpoint on a dataset: mIoU, IoU, RayIoU, per class"),
-    "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile"),
+    "bench": ("occdistill.cli.bench", "latency (median, p90), FPS, peak memory, FLOPs and per-stage profile of a dense, sparse or gaussian model"),
     "export": ("occdistill.cli.export", "ONNX export (camera rig baked in) + onnxruntime parity, FP16/INT8 variants"),
     "dump-teacher": ("occdistill.cli.dump_teacher", "run a teacher over a split and write targets + manifest"),
     "check-dump": ("occdistill.cli.check_dump", "validate a teacher dump against a dataset"),

@@ -185,7 +185,8 @@ def teacher_init(objective: Objective, distill: DistillConfig) -> str | None:
     if not distill.teacher_guided_init:
         return None
     if not isinstance(objective, SparseObjective) or objective.distiller is None:
-        raise ConfigError("distill.teacher_guided_init needs a sparse student and a sparse teacher (distill.checkpoint)")
+        raise ConfigError("distill.teacher_guided_init needs a sparse student and a sparse teacher "
+                          "(distill.checkpoint)")
     return str(teacher_guided_init(objective.model, objective.distiller.teacher))
 
 
@@ -234,7 +235,8 @@ def load_teacher(distill: DistillConfig, student: nn.Module) -> nn.Module | None
     if teacher.grid != student.grid:
         raise ConfigError(f"{where}: teacher grid {teacher.grid} differs from the student's {student.grid}")
     if teacher.cfg.num_classes != student.cfg.num_classes:
-        raise ConfigError(f"{where}: teacher has {teacher.cfg.num_classes} classes, the student {student.cfg.num_classes}")
+        raise ConfigError(f"{where}: teacher has {teacher.cfg.num_classes} classes, "
+                          f"the student {student.cfg.num_classes}")
     if tuple(teacher.cfg.image_size) != tuple(student.cfg.image_size):
         raise ConfigError(f"{where}: teacher input {tuple(teacher.cfg.image_size)} differs from the student's "
                           f"{tuple(student.cfg.image_size)} (both read the same loader's images)")

@@ -1,26 +1,33 @@
 """The demo's student stages on a tiny street world: a 2-step student, its `occdistill bench` profile,
-and where that profile lands in the report. The whole job runs in tests/test_cli.py."""
+its deployment (ONNX export and parity, INT8, engines side by side, costmap) and where they land in
+the report. The whole job runs in tests/test_cli.py."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from occdistill.config import save_config
 from occdistill.data.synth import SynthResult, generate
 from occdistill.deploy.bench import STAGES
+from occdistill.deploy.export import MIN_ARGMAX_AGREEMENT, read_metadata
 from occdistill.engine.config import load_train_config
 from occdistill.io import atomic_write_json
 from occdistill.pipeline.demo import (
     BENCH_WARMUP,
+    DEPLOY_THREADS,
     DemoConfig,
+    DeploySection,
     StudentBench,
     StudentResult,
     _bench_student,
+    _deploy_student,
     _report_markdown,
     _train_student,
 )
@@ -54,6 +61,13 @@ def trained(street, tmp_path_factory) -> tuple[DemoConfig, StudentResult, Studen
     return cfg, student, _bench_student(student.run_dir, street, cfg.bench_iters)
 
 
+@pytest.fixture(scope="module")
+def deployed(trained) -> DeploySection:
+    """The demo's deployment stages on the 2-step student (into the demo folder of ``trained``)."""
+    _, student, _ = trained
+    return _deploy_student(student.run_dir, ITERS, False, Path(student.run_dir).parent)
+
+
 def test_bench_measures_the_trained_student_engine_only_and_end_to_end(trained, street):
     _, student, bench = trained
     r = bench.result
@@ -75,7 +89,7 @@ def test_bench_measures_the_trained_student_engine_only_and_end_to_end(trained, 
 
 def test_report_has_the_bench_table_after_the_student_and_in_json(trained, tmp_path):
     cfg, student, bench = trained
-    readme = _report_markdown(cfg, [], student, bench, Path(student.run_dir).parent)
+    readme = _report_markdown(cfg, [], student, bench, None, Path(student.run_dir).parent)
     student_at, bench_at = readme.index("## Dense student"), readme.index("## Latency profile of the student")
     assert student_at < bench_at < readme.index("Configuration: `config.yaml`")
     table = [line for line in readme[bench_at:].splitlines() if line.startswith("| ")][1:]  # after the header
@@ -95,3 +109,69 @@ def test_bench_iters_may_be_zero_but_not_negative():
     assert DemoConfig(bench_iters=0).bench_iters == 0
     with pytest.raises(ValueError, match="bench_iters must be >= 0"):
         DemoConfig(bench_iters=-1)
+
+
+def test_deploy_config_switches_are_booleans():
+    assert DemoConfig(deploy=False).deploy is False and DemoConfig().deploy_compile is False
+    with pytest.raises(ValueError, match="deploy must be true or false"):
+        DemoConfig(deploy="no")
+
+
+def test_export_parity_on_the_val_scene_is_within_the_deployment_bounds(deployed):
+    e = deployed.export
+    meta = read_metadata(e.onnx)
+    assert (meta["rig_hash"], meta["batch"], meta["input_format"]) == (e.rig_hash, 1, "uint8") and e.opset >= 17
+    assert read_metadata(e.onnx_int8)["rig_hash"] == e.rig_hash and e.size_mb > 0 and e.int8_size_mb > 0
+    # The baked rig is that of val frame 0; parity runs on the frames of its scene (the tiny val split: 2 frames).
+    assert e.rig_frame == 0 and len(e.parity_frames) == 2 and e.parity.frames == 2
+    assert 0 <= e.parity_max_shift_m <= e.rig_tolerance_m
+    p = e.parity
+    assert p.ok and p.argmax_agreement >= MIN_ARGMAX_AGREEMENT
+    assert p.max_abs_logit_diff <= p.allowed_logit_diff and p.max_abs_logit > 0
+    assert p.voxels == 2 * 24 * 24 * 8  # 2 frames of the 24x24x8 tiny grid
+    # INT8 is reported, not bounded; calibrated on the training scene's frames.
+    assert e.parity_int8.agreement_bound is None and 0 <= e.parity_int8.argmax_agreement <= 1
+    assert e.calibration_frames and not set(e.calibration_frames) & set(e.parity_frames)
+
+
+def test_side_by_side_has_eager_and_both_onnxruntime_rows(deployed):
+    r = deployed.latency
+    assert [v.name for v in r.variants] == [f"{e}@{DEPLOY_THREADS}" for e in ("eager", "ort-fp32", "ort-int8")]
+    assert (r.batch, r.threads, r.repeats, r.warmup) == (1, DEPLOY_THREADS, ITERS, BENCH_WARMUP)
+    assert r.rig_hash == deployed.export.rig_hash and r.end_to_end_source is not None
+    for v in r.variants:
+        assert v.ok, v.error
+        assert 0 < v.engine_median_ms <= v.engine_p90_ms and 0 < v.end_to_end_median_ms <= v.end_to_end_p90_ms
+    assert r.variant(f"ort-fp32@{DEPLOY_THREADS}").label_agreement_vs_eager >= MIN_ARGMAX_AGREEMENT
+
+
+def test_costmap_pictures_and_map_server_files_of_student_and_gt(deployed):
+    c = deployed.costmap
+    assert c.token == deployed.export.parity_frames[0]  # the rig frame: its calibration is the baked one
+    for files, cells in ((c.student_files, c.student_cells), (c.gt_files, c.gt_cells)):
+        with Image.open(files["png"]) as img:
+            img.verify()
+            assert img.format == "PNG" and img.width >= 24
+        assert all(Path(files[k]).is_file() for k in ("map_yaml", "map_pgm", "risk_yaml", "risk_pgm"))
+        assert cells["occupied"] + cells["free"] + cells["unknown"] == 24 * 24
+    assert c.gt_cells["unknown"] < 24 * 24 and 0 <= c.agreement <= 1
+
+
+def test_report_renders_the_deployment_section_and_json(trained, deployed, tmp_path):
+    cfg, student, bench = trained
+    out = Path(student.run_dir).parent
+    readme = _report_markdown(cfg, [], student, bench, deployed, out)
+    at = readme.index("## Deployment of the student")
+    assert readme.index("## Latency profile of the student") < at < readme.index("Configuration: `config.yaml`")
+    section = readme[at:]
+    p = deployed.export.parity
+    assert f"| onnxruntime FP32 | {p.max_abs_logit_diff:.3g} |" in section and "| PASS |" in section
+    assert f"{100 * p.argmax_agreement:.4f}%" in section and deployed.export.rig_hash in section
+    for v in deployed.latency.variants:
+        assert f"| {v.name} | {v.engine_median_ms:.1f} ({v.engine_p90_ms:.1f}) |" in section
+    assert "| compile | not run" in section and f"{ITERS} interleaved rounds" in section and "load average" in section
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", section)
+    assert len(images) == 2 and all((out / rel).is_file() for rel in images)
+    saved = json.loads(atomic_write_json(tmp_path / "report.json", {"deploy": asdict(deployed)}).read_text())["deploy"]
+    assert saved["export"]["parity"]["argmax_agreement"] == p.argmax_agreement
+    assert [v["name"] for v in saved["latency"]["variants"]] == [v.name for v in deployed.latency.variants]

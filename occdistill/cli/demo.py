@@ -1,8 +1,9 @@
 """``occdistill demo``: the main job on the built-in synthetic world.
 
-Today it generates a street (Occ3D-nuScenes layout) and a room (Occ-ScanNet layout) dataset, reads
-them back through the real-format readers, measures projection consistency with and without
-augmentation, and draws the visual checks; later stages join as they land.
+It generates a street (Occ3D-nuScenes layout) and a room (Occ-ScanNet layout) dataset, reads them
+back through the real-format readers, measures projection consistency with and without
+augmentation, draws the visual checks, trains and evaluates the dense student, profiles it, and
+exports it (ONNX parity, engines side by side, a navigation costmap); see occdistill.pipeline.demo.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
+
+    # Before torch loads its OpenMP runtime: busy-waiting worker threads make the latency tables
+    # many times slower on a loaded machine (as in `occdistill bench --side-by-side`).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from occdistill.config import load_config
     from occdistill.pipeline.demo import DemoConfig, run_demo

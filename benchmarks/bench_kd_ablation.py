@@ -1,7 +1,7 @@
 """Benchmark: how much of the teacher-student gap does distillation close? (issues #5 and #6)
 
     .venv/bin/python benchmarks/bench_kd_ablation.py [--data outputs/bench/street]
-        [--work outputs/bench/kd_ablation] [--seeds 0,1] [--student-steps 300] [--teacher-steps 700]
+        [--work outputs/bench/kd_ablation] [--seeds 0,1] [--student-steps 200] [--teacher-steps 420]
         [--procs 2] [--latency-repeats 30] [--smoke]
 
 On the synthetic street world (20 scenes x 8 frames, the last 3 scenes are the val split; made by
@@ -29,11 +29,11 @@ headline ``distilled_mIoU`` = the ``both`` variant (:data:`DISTILLED_VARIANT`).
 
 Budget (sized for about 75 minutes on this shared 2-core machine): measured before the run at
 1 thread, batch 2, forward+backward+AdamW on street frames, load average ~6.5: street-tiny 0.35
-CPU-s per step (0.85 s wall), street-teacher 1.0 CPU-s (2.5 s wall); with this benchmark's two
-processes beside the other users' ~5, a process gets ~0.3 of a core: ~1.4 s per student step,
-~3.7 s per teacher step. Teacher 700 steps (~43 min, 10.3 epochs) while the other process trains
-the two no-KD students (300 steps, 4.4 epochs, ~7 min each); dump ~2 min; 8 distilled students,
-4 per process (~8 min each); final evaluations and latency ~3 min.
+CPU-s per step (0.85 s wall), street-teacher 1.0 CPU-s (2.5 s wall). Inside this benchmark (both
+processes running, load average ~7.3) the first 30-90 steps ran at 2.4 s per student step and
+5.5 s per teacher step. Teacher 420 steps (~38 min, 6.2 epochs) while the other process trains
+the two no-KD students (200 steps, 2.9 epochs, ~8 min each); dump ~2 min; 8 distilled students,
+4 per process (~9 min each); final evaluations and latency ~3 min.
 
 Scheduling: at most ``--procs`` (2) jobs at once, each a process at 1 torch thread with 0 loader
 workers (the machine has 2 cores). The teacher trains while the other process trains the two
@@ -54,6 +54,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -89,9 +90,9 @@ VARIANT_KD = {  # variant -> (lambda_feat, lambda_logit, dump_source); None = no
 CLEAR_MARGIN = 2.0  # teacher mIoU - every seed's no-KD student mIoU, in points
 GAP_TARGET = 0.5
 LATENCY_RATIO_TARGET = 10.0
-BUDGET_NOTE = ("sized before the run for ~75 min wall: at 1 thread, batch 2, load average ~6.5, street-tiny "
-               "0.35 CPU-s/step (0.85 s wall), street-teacher 1.0 CPU-s/step (2.5 s wall), ~0.3 core per process "
-               "with both processes running")
+BUDGET_NOTE = ("sized for ~75 min wall: at 1 thread, batch 2, both processes running, load average ~7.3, the first "
+               "steps of this benchmark ran at 2.4 s/student step and 5.5 s/teacher step (street-tiny 0.35 CPU-s/step, "
+               "street-teacher 1.0 CPU-s/step measured alone)")
 METRIC_KEYS = ("mIoU", "IoU", "RayIoU", "RayIoU@1m", "RayIoU@2m", "RayIoU@4m")
 RUNTIME = ("runtime.threads=1", "data.workers=0", "runtime.progress=false", "runtime.eval_every=0",
            "runtime.ckpt_every=100", "runtime.log_every=10")
@@ -556,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("outputs/bench/street"), help="street dataset (reused)")
     parser.add_argument("--work", type=Path, default=Path("outputs/bench/kd_ablation"), help="runs, dump, logs")
     parser.add_argument("--seeds", default="0,1", help="student seeds (comma-separated)")
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--teacher-steps", type=int, default=700)
+    parser.add_argument("--student-steps", type=int, default=200)
+    parser.add_argument("--teacher-steps", type=int, default=420)
     parser.add_argument("--procs", type=int, default=2, help="jobs at once (each 1 thread)")
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--out-json", type=Path, default=None, help="default benchmarks/results/kd_ablation.json "
@@ -568,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.procs <= 2:
         parser.error("--procs must be 1 or 2 (a 2-core machine)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    # SIGTERM ends the pool's workers too (the pool's context exit terminates them).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.time()
     load_start = os.getloadavg()
     work = args.work.resolve()

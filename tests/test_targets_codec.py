@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,120 @@ def test_compact_rejects_corrupt_or_foreign_bytes():
         compact.decode_probs(compact.pack(blob_parts.header, bytes(payload)))
     with pytest.raises(ValueError, match="tau"):
         compact.encode_probs(_peaked((4,), 5, 4), free_index=4, tau=0.3)
+
+
+def _reference_decode(data: bytes) -> np.ndarray:
+    """The direct ``topset-u8`` decoder (the codec's first implementation), kept as the reference
+    the fast decoder must match bit for bit."""
+    blob = compact.unpack(data)
+    h = blob.header
+    shape = tuple(int(s) for s in h["shape"])
+    k, n, free = shape[-1], int(np.prod(shape[:-1])), int(h["free_index"])
+    m, e, nb = int(h["stored"]), int(h["entries"]), (int(np.prod(shape[:-1])) + 7) // 8
+    assert len(blob.payload) == nb + m + 2 * e
+    buf = np.frombuffer(blob.payload, dtype=np.uint8)
+    stored_mask = np.unpackbits(buf[:nb], count=n).view(bool)
+    c, ids, qs = buf[nb : nb + m].astype(np.int64), buf[nb + m : nb + m + e], buf[nb + m + e :]
+    rows = np.flatnonzero(stored_mask)
+    q = qs.astype(np.float32) * np.float32(1.0 / 255.0)
+    mass = np.add.reduceat(q, np.cumsum(c) - c) if e else np.zeros(0, np.float32)
+    free_bg = np.float32(h["background_free"])
+    rest = np.full(n, (1.0 - free_bg) / (k - 1), dtype=np.float32)
+    rest[rows] = np.maximum(1.0 - mass, 0.0) / np.maximum(k - c, 1)
+    out = np.empty((n, k), dtype=np.float32)
+    out[:] = rest[:, None]
+    np.copyto(out[:, free], free_bg, where=~stored_mask)
+    out.reshape(-1)[np.repeat(rows * k, c) + ids] = q
+    return out.reshape(shape)
+
+
+def _random_blob(rng, shape, k, free, stored_frac, max_count) -> bytes:
+    """A valid ``topset-u8`` file built from random parts (not through the encoder): any mask,
+    1..max_count distinct classes per stored voxel in any order, stored values summing to <= 255."""
+    n = int(np.prod(shape))
+    mask = rng.random(n) < stored_frac
+    m = int(mask.sum())
+    counts = rng.integers(1, max_count + 1, size=m)
+    ids = [rng.permutation(k)[:cnt] for cnt in counts]
+    qs = [rng.multinomial(int(rng.integers(0, 256)), np.full(cnt, 1.0 / cnt)) for cnt in counts]
+    flat = lambda parts: np.concatenate(parts).astype(np.uint8) if m else np.zeros(0, np.uint8)  # noqa: E731
+    header = {"codec": compact.PROBS_CODEC, "shape": [*shape, k], "free_index": free, "tau": 2 / 255,
+              "stored": m, "entries": int(counts.sum()), "background_free": float(rng.uniform(0.9, 1.0))}
+    payload = (np.packbits(mask).tobytes() + counts.astype(np.uint8).tobytes() + flat(ids).tobytes()
+               + flat(qs).tobytes())
+    return compact.pack(header, payload)
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.shape == b.shape and a.dtype == b.dtype == np.float32
+            and np.array_equal(a.view(np.uint32), b.view(np.uint32)))
+
+
+def test_fast_decoder_equals_the_reference_decoder_bit_for_bit(monkeypatch):
+    # Small chunks, so that a file spans many of them (and their bounds fall anywhere).
+    monkeypatch.setattr(compact, "_CHUNK_ROWS", 40)
+    rng = np.random.default_rng(7)
+    cases = [((9, 7, 5), 18, 17, 0.5, 3), ((9, 7, 5), 18, 17, 0.9, 18), ((13, 3), 5, 0, 0.3, 5),
+             ((301,), 40, 39, 0.7, 40), ((40, 8), 255, 254, 0.4, 255), ((6, 6), 18, 17, 0.0, 1),
+             ((6, 6), 18, 3, 1.0, 18), ((1,), 2, 1, 1.0, 2), ((57, 3), 18, 17, 0.05, 2)]
+    for shape, k, free, frac, max_count in cases:
+        for _ in range(3):
+            blob = _random_blob(rng, shape, k, free, frac, max_count)
+            ref = _reference_decode(blob)
+            assert _same_bits(compact.decode_probs(blob), ref), (shape, k, frac)
+            out = np.full(ref.size, np.nan, dtype=np.float32)  # every value must be written
+            got = compact.decode_probs(blob, out=out)
+            assert _same_bits(got, ref) and np.shares_memory(got, out)
+    # Encoder output of teacher-like probabilities, at every tau, with the default chunk sizes too.
+    monkeypatch.undo()
+    for tau in (1 / 255, 2 / 255, 4 / 255):
+        for shape in ((12, 10, 6), (70, 60, 16)):
+            blob = compact.encode_probs(_peaked(shape, 18, 17, seed=5, sharp=3.0), 17, tau)
+            assert _same_bits(compact.decode_probs(blob), _reference_decode(blob))
+
+
+def test_decoding_in_threads_and_into_a_reused_buffer_gives_each_file_its_own_result():
+    rng = np.random.default_rng(8)
+    blobs = [_random_blob(rng, (20, 9, 4), 18, 17, frac, 18) for frac in (0.2, 0.8, 0.5, 1.0)]
+    refs = [_reference_decode(b) for b in blobs]
+    errors = []
+
+    def work(order):
+        buf = np.empty(refs[0].size, dtype=np.float32)
+        for i in order * 5:
+            if not (_same_bits(compact.decode_probs(blobs[i]), refs[i])
+                    and _same_bits(compact.decode_probs(blobs[i], out=buf), refs[i])):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(order,)) for order in ([0, 1, 2, 3], [3, 2, 1, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with pytest.raises(ValueError, match="out must be"):
+        compact.decode_probs(blobs[0], out=np.empty(refs[0].size + 1, dtype=np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        compact.decode_probs(blobs[0], out=np.empty(refs[0].size, dtype=np.float64))
+    compact.release_scratch()
+    assert _same_bits(compact.decode_probs(blobs[1]), refs[1])
+
+
+def test_decoder_rejects_payloads_of_another_size_than_the_header_says():
+    blob = compact.encode_probs(_peaked((6, 5, 4), 18, 17), free_index=17)
+    parts = compact.unpack(blob)
+    size = len(parts.payload)
+    with pytest.raises(compact.CodecError, match=f"corrupt topset-u8 payload: {size + 1} bytes"):
+        compact.decode_probs(compact.pack(parts.header, parts.payload + b"\x01"))
+    with pytest.raises(compact.CodecError, match=f"corrupt topset-u8 payload: {size - 1} bytes"):
+        compact.decode_probs(compact.pack(parts.header, parts.payload[:-1]))
+    for entries in (10**12, -1):  # refused before anything of that size is allocated
+        with pytest.raises(compact.CodecError, match="cannot hold"):
+            compact.decode_probs(compact.pack(dict(parts.header, entries=entries), parts.payload))
+    bad = bytearray(blob)
+    bad[-1] ^= 0xFF  # the zlib checksum
+    with pytest.raises(compact.CodecError, match="corrupt compact target"):
+        compact.decode_probs(bytes(bad))
 
 
 def test_feature_codec_error_is_at_most_half_a_step_per_channel():

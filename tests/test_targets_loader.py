@@ -24,6 +24,7 @@ from occdistill.targets import (
     collate_distill,
     dump_targets,
 )
+from occdistill.targets import compact
 from occdistill.targets.collapse import collapse_bev
 from occdistill.targets.pseudo import label_teacher_logits, label_teacher_probs
 
@@ -95,6 +96,21 @@ def test_fp16_and_compact_sources_agree_and_logits_go_through_a_softmax(world):
     assert (b.voxel_probs.sum(-1) - 1).abs().max() < 1e-5
     assert (a.voxel_probs - b.voxel_probs).abs().max() < 2.5 / 255 + 2e-3
     assert (a.bev_probs - b.bev_probs).abs().max() < 2.5 / 255 + 2e-3
+
+
+def test_moved_targets_are_decoded_exactly_and_do_not_share_the_reused_decode_buffer(world):
+    street, root = world
+    dataset = augmented(street, flip_x_prob=1.0)
+    targets = TeacherTargets(root / "logit", dataset, source="compact")
+    first = targets.load(0, dataset[0].bda)
+    kept = first.voxel_probs.clone()
+    second = targets.load(1, dataset[1].bda)  # decoded into the same buffer as the first
+    torch.testing.assert_close(first.voxel_probs, kept, rtol=0, atol=0)
+    assert not np.shares_memory(first.voxel_probs.numpy(), second.voxel_probs.numpy())
+    for index, t in ((0, first), (1, second)):
+        entry = targets.entries[index]
+        stored = compact.decode_probs((root / "logit" / entry.files["voxel"]).read_bytes())
+        torch.testing.assert_close(t.voxel_probs, torch.from_numpy(stored).flip(0), rtol=0, atol=0)
 
 
 def test_dataloader_wrapper_pairs_and_stacks_samples_with_their_targets(world):

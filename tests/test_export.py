@@ -260,7 +260,8 @@ def checkpoint(street, model, tmp_path_factory):
 
 def test_cli_export_writes_variants_parity_and_loud_rig(checkpoint, street, tmp_path, capsys):
     out = tmp_path / "deploy"
-    # parity on the training split: the val scene has another calibration and is refused (tested above)
+    # evaluation on the training split, the rig's own scene: the val scene has another calibration and
+    # would be skipped (tests/test_export_rigs.py)
     rc = main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--val-split", str(street.splits["train"]),
                "--calib-frames", "2", "--parity-frames", "2", "--exporter", "torchscript", "--eval"])
     text = capsys.readouterr().out

@@ -253,10 +253,14 @@ def run_side_by_side(args: argparse.Namespace) -> int:
             if "ort-int8" in needed and dataset is not None:
                 from occdistill.deploy.export import OnnxOccModel
 
-                frames, _ = calibration_frames(OnnxOccModel(info.path, threads=threads), dataset, args.calib_frames)
+                # Calibration records activation ranges only: benchmark frames of other camera mounts
+                # (other scenes) calibrate as well, so the rig check is skipped (cameras must match).
+                frames, _ = calibration_frames(OnnxOccModel(info.path, threads=threads), dataset, args.calib_frames,
+                                               check_rig=False)
                 onnx_paths["int8"] = quantize_int8(info.path, root / VARIANT_FILES["int8"], frames).path
-                notes.append("INT8 calibrated on the benchmark frames (latency only; `occdistill export` calibrates "
-                             "on training frames)")
+                notes.append("INT8 calibrated on the benchmark frames, rig check skipped for the calibration (it "
+                             "records activation ranges only; latency only; `occdistill export` calibrates on "
+                             "training frames)")
     try:
         result = side_by_side(
             model, rig, variants=variants, onnx_paths=onnx_paths, dataset=dataset, image_aug=image_aug,

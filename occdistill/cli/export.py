@@ -12,9 +12,15 @@ THE CAMERA RIG IS BAKED IN. The graph takes images only; the BEV pooling plan an
 parameters of the depth net are computed from one calibration (by default frame 0 of the
 checkpoint's training split, deterministic evaluation transform; ``--rig nuscenes`` for the
 nuScenes 6-camera rig) and stored as constants. The rig hash, camera names/order and image size
-are in the ONNX metadata and the sidecar; the parity and evaluation code refuse frames whose
-calibration moves the frustum by more than ``--rig-tolerance`` metres (default half a BEV cell).
-Re-export for another robot. INT8 needs training frames of that rig for calibration.
+are in the ONNX metadata and the sidecar; the runtime refuses frames whose calibration moves the
+frustum by more than ``--rig-tolerance`` metres (default half a BEV cell). Re-export for another robot.
+
+A dataset may hold several rigs (nuScenes logs, the synthetic street's per-scene camera mounts,
+``rig.mount_jitter_deg``): the parity check and the ``--eval`` mIoU use only the frames whose
+calibration passes that check (the evaluation split's, else the rig frame's own scene) and say how
+many were skipped and why; ``--eval`` stops with one line when no evaluation frame shares the rig
+(bake one: ``--rig-split val --rig-frame I``). INT8 calibration only records activation ranges, so
+it skips the rig check and calibrates over every training scene.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 HELP = "ONNX export (camera rig baked in) with onnxruntime parity, FP16/INT8 variants and their mIoU change"
 
@@ -52,8 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="graph input: uint8 (B,N,H,W,3) RGB, normalised in the graph (default), or "
                         "float32 (B,N,3,H,W) in [0,1]")
     parser.add_argument("--batch", type=int, default=1, help="batch size fixed in the graph (default 1)")
-    parser.add_argument("--parity-frames", type=int, default=4, help="evaluation frames for the parity check")
-    parser.add_argument("--eval", action="store_true", help="mIoU of eager and every variant on the evaluation split")
+    parser.add_argument("--parity-frames", type=int, default=4,
+                        help="frames of the baked rig for the parity check (default 4)")
+    parser.add_argument("--eval", action="store_true",
+                        help="mIoU of eager and every variant on the evaluation frames that share the baked rig")
     parser.add_argument("--threads", type=int, help="intra-op threads of torch and onnxruntime")
     parser.add_argument("--json", type=Path, help="report path (default OUT/export.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with --config)")
@@ -74,6 +83,21 @@ def _banner(meta_rig: dict, rig_hash: str, tolerance: float) -> str:
     ])
 
 
+def _no_eval_frames(dataset: Any, frames: Any, rig: Any) -> str:
+    """One line: why ``--eval`` has no frame to evaluate, and what to do."""
+    return (f"--eval: none of the {frames.checked} evaluation frames of {getattr(dataset, 'data_root', 'the dataset')} "
+            f"shares the baked rig ({rig.source}): {frames.skip_reason()}; bake an evaluation frame's rig "
+            "(--rig-split val --rig-frame I), evaluate frames of this rig (--val-split), or use data with one "
+            "camera calibration (synthetic: rig.mount_jitter_deg=0)")
+
+
+def _spread(items: list, count: int) -> list:
+    """Up to ``count`` items spread evenly (first and last included)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -82,9 +106,12 @@ def run(args: argparse.Namespace) -> int:
         FrustumSpec,
         OnnxOccModel,
         check_parity,
+        dataset_subset,
+        default_rig_tolerance,
         export_onnx,
         rig_from_dataset,
         rig_to_dict,
+        select_rig_frames,
     )
     from occdistill.deploy.quantize import (
         VARIANT_FILES,
@@ -149,36 +176,69 @@ def run(args: argparse.Namespace) -> int:
     if "int8" in precisions and "train" not in splits:
         raise OccDistillError("INT8 calibration needs training frames of the rig (a checkpoint/config with "
                               "data.train_split, or --train-split); or drop int8 from --precision")
+    if args.eval and "val" not in splits:
+        raise OccDistillError("--eval needs an evaluation split (the config's data.val_split or --val-split)")
+
+    # Frames that share the baked rig (calibrations only, before the export: fail fast). A dataset may
+    # hold several rigs (per-scene camera mounts); the runtime refuses the others.
+    spec = FrustumSpec.of(model)
+    tolerance = args.rig_tolerance if args.rig_tolerance is not None else default_rig_tolerance(spec)
+    eval_frames = None
+    if args.eval:
+        eval_frames = select_rig_frames(rig, spec, splits["val"], tolerance_m=tolerance)
+        if not eval_frames.kept:
+            raise OccDistillError(_no_eval_frames(splits["val"], eval_frames, rig))
+    # parity: evaluation frames of the rig, else frames of the rig frame's own scene (it holds the rig
+    # frame itself), else random images
+    candidates: list[tuple[str, list[int] | None]] = [("val", None)] if "val" in splits else []
+    if "train" in splits and args.rig == "dataset" and args.rig_split == "train":
+        train = splits["train"]
+        scene = train.frame(args.rig_frame).scene_name
+        candidates.append(("train", [i for i in range(len(train)) if train.frame(i).scene_name == scene]))
+    elif "train" in splits and args.rig == "nuscenes":
+        candidates.append(("train", None))
+    parity_split, parity_frames, parity_notes = None, None, []
+    for name, indices in candidates:
+        if name == "val" and eval_frames is not None:
+            sel = eval_frames
+        else:
+            sel = select_rig_frames(rig, spec, splits[name], tolerance_m=tolerance, indices=indices)
+        if sel.kept:
+            parity_split, parity_frames = name, sel
+            break
+        parity_notes.append(f"no {name} frame shares the baked rig ({sel.checked} checked: {sel.skip_reason()})")
 
     args.out.mkdir(parents=True, exist_ok=True)
     info = export_onnx(model, rig, args.out / VARIANT_FILES["fp32"], opset=args.opset, exporter=args.exporter,
                        input_format=args.input, batch=args.batch, model_name=loaded.name)
-    ort32 = OnnxOccModel(info.path, threads=args.threads, rig_tolerance_m=args.rig_tolerance)
-    tolerance = ort32.rig_tolerance_m
+    ort32 = OnnxOccModel(info.path, threads=args.threads, rig_tolerance_m=tolerance)
     print(_banner(rig_to_dict(rig, model.cfg.image_size), info.rig_hash, tolerance))
     print(f"exported {info.path} ({info.size_bytes / 2**20:.1f} MB, {info.exporter} exporter, opset {info.opset}, "
           f"{info.seconds:.1f} s): input {info.inputs[0].name} {list(info.inputs[0].shape)} {info.inputs[0].dtype}; "
           + ", ".join(f"{o.name} {list(o.shape)} {o.dtype}" for o in info.outputs))
 
-    # parity inputs: evaluation frames of the rig (checked), else random images
-    eval_set = splits.get("val") or splits.get("train")
-    if eval_set is not None:
+    # parity inputs: frames of the rig (each checked again by the runtime), else random images
+    for note in parity_notes:
+        print(f"parity: {note}")
+    if parity_frames is not None:
+        eval_set = splits[parity_split]
         ort32.check_dataset(eval_set)
-        picks = sorted({round(i * (len(eval_set) - 1) / max(args.parity_frames - 1, 1))
-                        for i in range(args.parity_frames)})
+        use = "parity and --eval" if parity_frames is eval_frames else "parity"
+        print(f"frames of the rig ({use}): {parity_frames.summary(f'{parity_split} frames')}")
         inputs = []
-        for i in picks:
+        for i in _spread(list(parity_frames.kept), args.parity_frames):
             s = eval_set[i]
             ort32.check_rig(s.intrinsics, s.img_from_raw, s.ego_from_cam, s.camera_names)
             x = ort32.prepare(s.images[None])
             inputs.append(x.repeat(args.batch, axis=0) if args.batch > 1 else x)
-        parity_source = f"{len(inputs)} frames of {eval_set.data_root}"
+        parity_source = (f"{len(inputs)} {parity_split} frames of {eval_set.data_root} sharing the rig "
+                         f"({len(parity_frames.skipped)} of {parity_frames.checked} checked skipped)")
     else:
         from occdistill.deploy.export import ExportWrapper
 
         wrapper = ExportWrapper(model, rig, batch=args.batch, input_format=args.input)
         inputs = [wrapper.example_input(seed).cpu().numpy() for seed in range(args.parity_frames)]
-        parity_source = f"{len(inputs)} random images (no dataset)"
+        parity_source = f"{len(inputs)} random images ({'no frame of the rig' if splits else 'no dataset'})"
 
     files = {"fp32": info.path}
     variants = {"fp32": {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}}
@@ -189,13 +249,16 @@ def run(args: argparse.Namespace) -> int:
         files["fp16"] = v.path
         variants["fp16"] = v.to_dict()
     if "int8" in precisions:
-        frames, tokens = calibration_frames(ort32, splits["train"], args.calib_frames)
+        # Calibration records activation ranges only: frames of other camera mounts (other training
+        # scenes) calibrate as well, so the rig check is skipped here (cameras still must match).
+        frames, tokens = calibration_frames(ort32, splits["train"], args.calib_frames, check_rig=False)
         v = quantize_int8(info.path, args.out / VARIANT_FILES["int8"], frames, method=args.calib_method,
                           calibration_tokens=tokens)
         files["int8"] = v.path
-        variants["int8"] = {**v.to_dict(), **qdq_counts(v.path)}
+        variants["int8"] = {**v.to_dict(), **qdq_counts(v.path), "calibration_rig_check": False}
         print(f"INT8: static QDQ, {v.details['calibration_method']} ranges from {v.details['calibration_frames']} "
-              f"training frames, per-channel weights; {v.details['QuantizeLinear']} QuantizeLinear nodes")
+              f"training frames (rig check skipped for calibration: it only records activation ranges; inference "
+              f"keeps it), per-channel weights; {v.details['QuantizeLinear']} QuantizeLinear nodes")
     for precision in ("fp16", "int8"):
         if precision in files:
             # Reported, not asserted: reduced precision is judged by its mIoU change.
@@ -216,14 +279,16 @@ def run(args: argparse.Namespace) -> int:
         "export": info.to_dict(),
         "variants": variants,
         "parity_inputs": parity_source,
+        "parity_rig_frames": None if parity_frames is None else {"split": parity_split, **parity_frames.to_dict()},
         "parity": {k: p.to_dict() for k, p in parity.items()},
     }
     if args.eval:
-        if "val" not in splits:
-            raise OccDistillError("--eval needs an evaluation split (the config's data.val_split or --val-split)")
-        ev = evaluate_variants(model, files, splits["val"], threads=args.threads, progress=True)
+        ev = evaluate_variants(model, files, dataset_subset(splits["val"], eval_frames.kept), threads=args.threads,
+                               progress=True, rig_tolerance_m=tolerance)
+        ev["rig_frames"] = eval_frames.to_dict()
         report["evaluation"] = ev
-        print(f"mIoU on {ev['frames']} evaluation frames (percent; change vs ONNX FP32):")
+        skipped = f", {len(eval_frames.skipped)} skipped: another rig" if eval_frames.skipped else ""
+        print(f"mIoU on {ev['frames']} evaluation frames of the rig{skipped} (percent; change vs ONNX FP32):")
         for name, row in ev["variants"].items():
             print(f"  {name:10s} mIoU {row['mIoU']:6.2f} ({row.get('mIoU_change_vs_fp32', 0.0):+.2f})  "
                   f"IoU {row['IoU']:6.2f}")

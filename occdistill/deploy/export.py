@@ -11,7 +11,9 @@ So an exported file is valid for that rig only: the rig's hash, camera names (in
 sizes and full matrices are stored in the model's ``metadata_props`` and in a sidecar JSON, and
 :class:`OnnxOccModel` refuses inputs whose calibration moves the frustum points by more than a
 tolerance (:func:`compare_rig`). This is the FlashOcc deployment pitfall made explicit: their
-TensorRT scripts reuse one calibration for every frame silently (research/kd_deploy.md B1).
+TensorRT scripts reuse one calibration for every frame silently (research/kd_deploy.md B1). A
+dataset may hold several rigs (per-scene camera mounts): :func:`select_rig_frames` finds the frames
+an export accepts from their calibrations alone, and :func:`dataset_subset` keeps those for evaluation.
 
 Graph contract (``input_format``):
 
@@ -165,9 +167,14 @@ class FrustumSpec:
         return cls(tuple(d["image_size"]), int(d["feature_stride"]), tuple(d["depth_bins"]), tuple(d["grid_range"]),
                    tuple(d["voxel_size"]))
 
-    def points(self, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any) -> np.ndarray:
+    def points(self, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any, corners: bool = False) -> np.ndarray:
         """Ego positions (N, D, h, w, 3) float64 of the frustum points, as the LSS lift places them:
-        feature cell (i, j) looks along input pixel ((j + 0.5) s, (i + 0.5) s), bin k at its centre depth."""
+        feature cell (i, j) looks along input pixel ((j + 0.5) s, (i + 0.5) s), bin k at its centre depth.
+
+        ``corners``: only the 4 corner cells at the nearest and farthest bin, (N, 2, 2, 2, 3). Every
+        frustum point is d (u, v, 1) mapped by the same affine map, so their convex hull holds all
+        the others, and the largest displacement between two rigs (a convex function of d (u, v, 1))
+        is taken at one of them (:func:`max_frustum_shift`)."""
         k = np.asarray(intrinsics, dtype=np.float64)
         aug = np.asarray(img_from_raw, dtype=np.float64)
         pose = np.asarray(ego_from_cam, dtype=np.float64)
@@ -176,6 +183,9 @@ class FrustumSpec:
         dmin, dmax, step = self.depth_bins
         d = dmin + (np.arange(round((dmax - dmin) / step)) + 0.5) * step
         u, v = (np.arange(w) + 0.5) * s, (np.arange(h) + 0.5) * s
+        if corners:
+            d, u, v = d[[0, -1]], u[[0, -1]], v[[0, -1]]
+            h = w = 2
         pix = np.stack(np.broadcast_arrays(u[None, None, :] * d[:, None, None], v[None, :, None] * d[:, None, None],
                                            d[:, None, None] * np.ones((1, h, w))), axis=-1)  # (D, h, w, 3)
         ego_from_pix = pose[:, :3, :3] @ np.linalg.inv(aug @ k)  # (N, 3, 3)
@@ -245,6 +255,155 @@ def compare_rig(
     reason = "" if ok else (f"the calibration moves frustum points by up to {shift:.3f} m (tolerance {tol:.3f} m; "
                             f"{100 * moved:.2f}% change BEV cell): re-export for this rig or raise the tolerance")
     return RigCheck(ok, shift, moved, tol, reason)
+
+
+def max_frustum_shift(baked: Rig, spec: FrustumSpec, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any) -> float:
+    """``compare_rig``'s ``max_shift_m`` from the frustum's corner points only (exact: see
+    :meth:`FrustumSpec.points`), for same-shaped calibrations: cheap enough to scan a whole split."""
+    ref = spec.points(baked.intrinsics, baked.img_from_raw, baked.ego_from_cam, corners=True)
+    pts = spec.points(intrinsics, img_from_raw, ego_from_cam, corners=True)
+    return float(np.linalg.norm(pts - ref, axis=-1).max())
+
+
+def frame_calibration(dataset: Any, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(intrinsics, img_from_raw, ego_from_cam, camera names) of frame ``index`` of an eval-mode
+    dataset, the float32 values its sample carries. Occ3D layout: from the info record and the image
+    headers, without decoding pixels or reading labels; other datasets: from the loaded sample."""
+    from occdistill.data.occ3d import Occ3DDataset
+
+    if getattr(dataset, "augment", False):
+        raise OccDistillError("check the rig of frames under the deterministic eval transform (augment=False)")
+    if not isinstance(dataset, Occ3DDataset):
+        s = dataset[index]
+        return s.intrinsics, s.img_from_raw, s.ego_from_cam, tuple(s.camera_names)
+    from PIL import Image
+
+    from occdistill.data.augment import ImageAug, sample_image_aug
+    from occdistill.data.infos import resolve_data_path
+
+    frame = dataset.frame(index)
+    cams = [frame.camera(n) for n in dataset.camera_names]
+    augs = []
+    for c in cams:
+        with Image.open(resolve_data_path(dataset.data_root, c.image_path)) as img:  # reads the header only
+            raw = (img.height, img.width)
+        cfg = dataset.image_aug
+        augs.append(ImageAug.identity(raw) if cfg is None else sample_image_aug(cfg, raw, None))
+
+    def f32(arrays: Any) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32))
+
+    # eval mode: identity BEV augmentation, so ego_from_cam = keyego_from_cam (Sample.ego_from_cam)
+    return (f32([c.intrinsic for c in cams]), f32([a.img_from_raw for a in augs]),
+            f32([c.keyego_from_cam for c in cams]), tuple(dataset.camera_names))
+
+
+@dataclass(frozen=True)
+class RigFrames:
+    """Which frames of a split share the baked rig: their calibration passes the runtime's check
+    (same camera names/order and count, frustum moved by <= ``tolerance_m``). ``kept`` and
+    ``skipped`` are dataset indices; ``skipped_shift_m`` is the (min, max) frustum shift of the
+    geometrically skipped frames (None if none), ``structural`` the reason of frames skipped for
+    their cameras (empty if none)."""
+
+    kept: tuple[int, ...]
+    skipped: tuple[int, ...]
+    tolerance_m: float
+    kept_max_shift_m: float
+    skipped_shift_m: tuple[float, float] | None
+    kept_scenes: tuple[str, ...]
+    skipped_scenes: tuple[str, ...]
+    structural: str = ""
+
+    @property
+    def checked(self) -> int:
+        return len(self.kept) + len(self.skipped)
+
+    def skip_reason(self) -> str:
+        """Why the skipped frames were skipped, in a few words ("" if none were)."""
+        parts = []
+        if self.skipped_shift_m is not None:
+            lo, hi = self.skipped_shift_m
+            span = f"{lo:.3f} m" if abs(hi - lo) < 5e-4 else f"{lo:.3f}-{hi:.3f} m"
+            parts.append(f"their calibration moves the frustum points by {span} (tolerance {self.tolerance_m:.3f} m)")
+        if self.structural:
+            parts.append(self.structural)
+        return "; ".join(parts)
+
+    def summary(self, what: str = "frames") -> str:
+        """One line: how many frames share the rig and how many were skipped, and why."""
+        def scenes(names: tuple[str, ...]) -> str:
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} scenes)" if len(names) > 4 else "")
+            return f"scene{'s' if len(names) > 1 else ''} {shown}" if names else "no scene"
+
+        text = (f"{len(self.kept)} of {self.checked} {what} share the baked rig ({scenes(self.kept_scenes)}; max "
+                f"frustum shift {self.kept_max_shift_m:.3f} m)")
+        if self.skipped:
+            text += f"; {len(self.skipped)} skipped ({scenes(self.skipped_scenes)}): {self.skip_reason()}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept": len(self.kept), "skipped": len(self.skipped), "tolerance_m": self.tolerance_m,
+                "kept_max_shift_m": round(self.kept_max_shift_m, 4),
+                "skipped_shift_m": None if self.skipped_shift_m is None else [round(x, 4)
+                                                                              for x in self.skipped_shift_m],
+                "kept_scenes": list(self.kept_scenes), "skipped_scenes": list(self.skipped_scenes),
+                "skip_reason": self.skip_reason()}
+
+
+def select_rig_frames(baked: Rig, spec: FrustumSpec, dataset: Any, *, tolerance_m: float | None = None,
+                      indices: Sequence[int] | None = None) -> RigFrames:
+    """The frames of ``dataset`` (eval mode; ``indices``, default all) whose calibration the baked rig's
+    check accepts (:func:`compare_rig`'s rule, default tolerance half a BEV cell). Reads calibrations
+    only (:func:`frame_calibration`): parity and evaluation of a fixed-rig export use these frames, as
+    a dataset whose scenes have their own camera mounts (nuScenes logs, the synthetic street's
+    ``rig.mount_jitter_deg``) holds frames of several rigs."""
+    tol = default_rig_tolerance(spec) if tolerance_m is None else float(tolerance_m)
+    picks = range(len(dataset)) if indices is None else indices
+    kept, skipped, kept_scenes, skipped_scenes, shifts = [], [], {}, {}, []
+    kept_max, structural = 0.0, ""
+    n = baked.intrinsics.shape[0]
+    for i in picks:
+        i = int(i)
+        k, aug, pose, names = frame_calibration(dataset, i)
+        scene = dataset.frame(i).scene_name if hasattr(dataset, "frame") else ""
+        if tuple(names) != tuple(baked.camera_names) or tuple(k.shape) != (n, 3, 3) or tuple(pose.shape) != (n, 4, 4):
+            structural = structural or compare_rig(baked, spec, k, aug, pose, names, tol).reason
+            skipped.append(i)
+            skipped_scenes[scene] = None
+            continue
+        shift = max_frustum_shift(baked, spec, k, aug, pose)
+        if shift <= tol:
+            kept.append(i)
+            kept_scenes[scene] = None
+            kept_max = max(kept_max, shift)
+        else:
+            skipped.append(i)
+            skipped_scenes[scene] = None
+            shifts.append(shift)
+    clean = lambda d: tuple(s for s in d if s)  # noqa: E731
+    return RigFrames(tuple(kept), tuple(skipped), tol, kept_max, (min(shifts), max(shifts)) if shifts else None,
+                     clean(kept_scenes), clean(skipped_scenes), structural)
+
+
+def dataset_subset(dataset: Any, indices: Sequence[int]) -> Any:
+    """``dataset`` restricted to ``indices`` (in order) as a dataset of the same type, so that
+    ``engine.evaluate`` still treats it as an Occ3D split (metrics, scenes, time order)."""
+    import copy
+    import dataclasses
+
+    from occdistill.data.infos import InfoSet
+    from occdistill.data.occ3d import Occ3DDataset
+
+    idx = [int(i) for i in indices]
+    if idx == list(range(len(dataset))):
+        return dataset
+    if not isinstance(dataset, Occ3DDataset):
+        raise OccDistillError(f"a subset of a {type(dataset).__name__} is not supported (Occ3D-layout splits only)")
+    frames = tuple(dataclasses.replace(dataset.frame(i), index=k) for k, i in enumerate(idx))
+    sub = copy.copy(dataset)
+    sub.infos = InfoSet(path=dataset.infos.path, frames=frames, metadata=dataset.infos.metadata)
+    return sub
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,6 +948,10 @@ class OnnxOccModel:
             raise OccDistillError(f"{self.path.name} (rig {self.rig_hash}) refuses this input: {check.reason}")
         return check
 
+    def rig_frames(self, dataset: Any, indices: Sequence[int] | None = None) -> RigFrames:
+        """The frames of ``dataset`` that :meth:`check_rig` accepts (:func:`select_rig_frames`)."""
+        return select_rig_frames(self.rig, self.frustum, dataset, tolerance_m=self.rig_tolerance_m, indices=indices)
+
     def check_dataset(self, dataset: Any) -> None:
         """Camera names/order and image size of a dataset against the baked rig (geometry is checked per frame)."""
         names = tuple(getattr(dataset, "camera_names", ()) or ())
@@ -960,8 +1123,9 @@ def check_parity(
 __all__ = [
     "EXPORTERS", "ExportInfo", "ExportLinear", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec",
     "GatheredPool", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel", "Parity", "RIG_WARNING", "RigCheck",
-    "SPARSE_TORCHSCRIPT_REASON", "TensorInfo", "check_parity", "compare_rig", "default_rig_tolerance",
-    "enable_gathered_splat", "evaluate_onnx", "export_metadata", "export_onnx", "exportable_copy", "frame_image_paths",
-    "make_session", "raw_image_size", "read_metadata", "rig_from_dataset", "rig_from_dict", "rig_from_sample",
-    "rig_hash", "rig_to_dict", "sidecar_path", "transposes_to_reshapes",
+    "RigFrames", "SPARSE_TORCHSCRIPT_REASON", "TensorInfo", "check_parity", "compare_rig", "dataset_subset",
+    "default_rig_tolerance", "enable_gathered_splat", "evaluate_onnx", "export_metadata", "export_onnx",
+    "exportable_copy", "frame_calibration", "frame_image_paths", "make_session", "max_frustum_shift",
+    "raw_image_size", "read_metadata", "rig_from_dataset", "rig_from_dict", "rig_from_sample", "rig_hash",
+    "rig_to_dict", "select_rig_frames", "sidecar_path", "transposes_to_reshapes",
 ]

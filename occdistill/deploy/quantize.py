@@ -19,6 +19,7 @@ Both variants keep the export's ``occdistill.*`` metadata (rig hash, cameras, im
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from occdistill.deploy.export import (
     META_PREFIX,
     OnnxOccModel,
     _file_sha256,
+    compare_rig,
     read_metadata,
     sidecar_path,
 )
@@ -132,10 +134,19 @@ def convert_fp16(src: str | Path, dst: str | Path) -> VariantFile:
     return _finish(proto, Path(dst), src_meta, "fp16", {"float32_nodes": len(keep)}, time.perf_counter() - start)
 
 
-def calibration_frames(onnx_model: OnnxOccModel, dataset: Any, count: int = 8) -> tuple[list[np.ndarray], list[str]]:
+def calibration_frames(onnx_model: OnnxOccModel, dataset: Any, count: int = 8, *,
+                       check_rig: bool = True) -> tuple[list[np.ndarray], list[str]]:
     """``count`` frames spread evenly over ``dataset`` (a training split WITHOUT augmentation: the
     deterministic evaluation transform), in the export's input layout, one graph input each
-    (batched as the export). Every frame's rig is checked against the baked one."""
+    (batched as the export), and their tokens.
+
+    ``check_rig`` (default): every frame's calibration must pass the baked rig's check, as at
+    inference. ``check_rig=False``: only the cameras (names, order, count) must match; the frames'
+    geometry is not checked. Calibration only records activation ranges of the images, so frames
+    of another camera mount calibrate as well: use it to calibrate over the training scenes of a
+    dataset whose scenes each have their own mounts (nuScenes logs, the synthetic street's
+    ``rig.mount_jitter_deg``), which the rig check would refuse. (Same as an ``OnnxOccModel``
+    with ``rig_tolerance_m=math.inf``.) Inference keeps the strict check."""
     if getattr(dataset, "augment", False):
         raise OccDistillError("calibrate on frames under the deterministic eval transform (augment=False)")
     if count < 1 or len(dataset) == 0:
@@ -146,7 +157,14 @@ def calibration_frames(onnx_model: OnnxOccModel, dataset: Any, count: int = 8) -
     frames, tokens, pending = [], [], []
     for i in picks:
         sample = dataset[int(i)]
-        onnx_model.check_rig(sample.intrinsics, sample.img_from_raw, sample.ego_from_cam, sample.camera_names)
+        if check_rig:
+            onnx_model.check_rig(sample.intrinsics, sample.img_from_raw, sample.ego_from_cam, sample.camera_names)
+        else:
+            # cameras only: tolerance inf accepts any geometry, not other camera names or counts
+            check = compare_rig(onnx_model.rig, onnx_model.frustum, sample.intrinsics, sample.img_from_raw,
+                                sample.ego_from_cam, sample.camera_names, tolerance_m=math.inf)
+            if not check.ok:
+                raise OccDistillError(f"{onnx_model.path.name}: calibration frame {sample.token}: {check.reason}")
         pending.append(onnx_model.prepare(sample.images[None]))
         tokens.append(sample.token)
         if len(pending) == batch:
@@ -248,10 +266,14 @@ def evaluate_variants(
     threads: int | None = None,
     rayiou: bool = False,
     progress: bool = False,
+    rig_tolerance_m: float | None = None,
 ) -> dict[str, Any]:
     """mIoU/IoU of the eager model on its training path (per-frame geometry, what ``occdistill
     eval`` reports) and of every exported variant (``files``: precision -> path, fixed rig) on
     ``dataset`` (eval mode), and each variant's change against ONNX FP32 and against eager.
+
+    Every frame of ``dataset`` must share the baked rig (``rig_tolerance_m``, default half a BEV
+    cell; ``OnnxOccModel.rig_frames`` + ``dataset_subset`` select such frames): others are refused.
 
     The eager-vs-FP32 difference is the fixed-rig approximation (the frames' own calibration vs
     the baked one), FP16/INT8-vs-FP32 the precision change. Values in percent points.
@@ -273,7 +295,8 @@ def evaluate_variants(
     rows["eager"]["note"] = "PyTorch, per-frame calibration (training pooling path)"
     per_class = {"eager": eager.get("per_class")}
     for precision, path in files.items():
-        report = evaluate_onnx(OnnxOccModel(path, threads=threads), dataset, rayiou=rayiou, progress=progress)
+        report = evaluate_onnx(OnnxOccModel(path, threads=threads, rig_tolerance_m=rig_tolerance_m), dataset,
+                               rayiou=rayiou, progress=progress)
         rows[f"ort-{precision}"] = {**{k: report[k] for k in keys}, "rig_max_shift_m": report["rig_max_shift_m"]}
         per_class[f"ort-{precision}"] = report.get("per_class")
     ref = rows.get("ort-fp32")

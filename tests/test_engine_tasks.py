@@ -174,3 +174,18 @@ def test_temporal_dense_student_trains_on_earlier_keyframes_and_reports_flicker(
     with pytest.raises(ConfigError, match="temporal student"):
         train(config(street, *DENSE, "model.dense.temporal_frames=1", f"distill.dump={tmp_path}",
                      "optim.max_steps=1"), tmp_path / "t2")
+
+
+def test_teacher_guided_init_alone_never_runs_the_teacher(street, sparse_teacher, tmp_path):
+    weights = [f"distill.discene.{level}=0" for level in ("encoder", "query", "prior", "anchor")]
+    cfg = config(street, *sparse(), "optim.max_steps=2", "data.val_split=", f"distill.checkpoint={sparse_teacher}",
+                 "distill.teacher_guided_init=true", *weights)
+    student = build_model(cfg.model)
+    objective = build_objective(student, cfg.loss, cfg.distill, open_split(cfg.data, "train", augment=False).classes,
+                                amp="off", seed=0, teacher=load_teacher(cfg.distill, student))
+    calls = []
+    objective.distiller.teacher.register_forward_hook(lambda *a: calls.append(1))
+    terms = objective(TrainItem(collate([open_split(cfg.data, "train", augment=False)[0]])), step=0)
+    assert not calls and not any(k.startswith("kd.") for k in terms)
+    assert not any(p.requires_grad for p in objective.distiller.adapter.parameters())
+    train(cfg, tmp_path / "tgi")  # and the loop trains it

@@ -154,19 +154,26 @@ class SparseObjective(Objective):
             raise ConfigError("model.sparse.depth_prior: the training engine does not feed prior depth maps yet")
         self.loss, self.seed = loss, seed
         self.distiller = None
+        self.levels_on = False  # some DiScene level has a weight: the teacher runs every step
         if teacher is not None:
             d = distill or DistillConfig()
             self.distiller = DiSceneDistiller(model, freeze(teacher), d.discene, num_anchors=d.num_anchors or None,
                                               class_rebalance=d.anchor_rebalance,
                                               anchor_class_weights=anchor_class_weights)
-            self.adapters["encoder"] = self.distiller.adapter
+            w = d.discene
+            self.levels_on = max(w.encoder, w.query, w.prior, w.anchor) > 0
+            if w.encoder > 0:
+                self.adapters["encoder"] = self.distiller.adapter
+            else:  # never used: no gradient (DDP requires every trainable parameter to get one)
+                self.distiller.adapter.requires_grad_(False)
 
     def forward(self, item: TrainItem, step: int) -> dict[str, torch.Tensor]:
         batch = item.batch
         # One generator per step: GT subsets and anchors are a function of (seed, step).
         gen = torch.Generator(device=batch.images.device).manual_seed(self.seed * 1_000_003 + step)
         with autocast(batch.images.device, self.amp):
-            distilled = self.distiller(batch, generator=gen) if self.distiller is not None else None
+            # TGI alone keeps the teacher for the initialisation but never runs it.
+            distilled = self.distiller(batch, generator=gen) if self.levels_on else None
             out = distilled.student if distilled is not None else forward_batch(self.model, batch)
         terms = sparse_loss(out, batch, self.loss.sparse, gen)
         if distilled is not None:

@@ -1,6 +1,6 @@
 """The demo's student stages on a tiny street world: a 2-step student, its `occdistill bench` profile,
 its deployment (ONNX export and parity, INT8, engines side by side, costmap) and where they land in
-the report. The whole job runs in tests/test_cli.py."""
+the report; the sparse-query student's stage on a tiny room world. The whole job runs in tests/test_cli.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from occdistill.config import save_config
 from occdistill.data.synth import SynthResult, generate
-from occdistill.deploy.bench import STAGES
+from occdistill.deploy.bench import SPARSE_STAGES, STAGES
 from occdistill.deploy.export import MIN_ARGMAX_AGREEMENT, read_metadata
 from occdistill.engine.config import load_train_config
 from occdistill.io import atomic_write_json
@@ -24,11 +24,13 @@ from occdistill.pipeline.demo import (
     DEPLOY_THREADS,
     DemoConfig,
     DeploySection,
+    SparseSection,
     StudentBench,
     StudentResult,
     _bench_student,
     _deploy_student,
     _report_markdown,
+    _sparse_student,
     _train_student,
 )
 
@@ -42,6 +44,13 @@ TINY = [
     "model.dense.context_channels=8", "model.dense.depth_net_channels=16", "model.dense.bev_channels=16",
     "model.dense.grid.range=[-9.6,-9.6,-1,9.6,9.6,5.4]", "model.dense.grid.voxel_size=[0.8,0.8,0.8]",
     "data.workers=0", "runtime.progress=false",
+]
+SPARSE_TINY = [
+    "data.image_aug.final_size=[48,64]", "model.sparse.image_size=[48,64]", "model.sparse.backbone.base_width=8",
+    "model.sparse.neck_channels=16", "model.sparse.embed_dims=16", "model.sparse.num_heads=2",
+    "model.sparse.num_queries=16", "model.sparse.points_per_layer=[1,2]", "model.sparse.sampling_points=2",
+    "model.sparse.mixing_out_points=4", "model.sparse.ffn_channels=32", "loss.sparse.max_gt_points=512",
+    "optim.warmup_steps=0", "data.batch_size=1", "data.workers=0", "runtime.progress=false",
 ]
 ITERS = 3
 
@@ -173,3 +182,58 @@ def test_report_renders_the_deployment_section_and_json(trained, deployed, tmp_p
     saved = json.loads(atomic_write_json(tmp_path / "report.json", {"deploy": asdict(deployed)}).read_text())["deploy"]
     assert saved["export"]["parity"]["argmax_agreement"] == p.argmax_agreement
     assert [v["name"] for v in saved["latency"]["variants"]] == [v.name for v in deployed.latency.variants]
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory) -> tuple[DemoConfig, SparseSection, Path]:
+    """The demo's sparse stage: a 2-step micro sparse student on a 2-room world (1 train, 1 val room)."""
+    room = generate("room", tmp_path_factory.mktemp("room"), 2, 1, seed=5,
+                    overrides=["camera.width=64", "camera.height=48"], progress=False)
+    out = tmp_path_factory.mktemp("demo_sparse")
+    sparse_yaml = save_config(load_train_config("room-sparse", SPARSE_TINY), out / "sparse.yaml")
+    cfg = DemoConfig(sparse_config=str(sparse_yaml), sparse_steps=2, bench_iters=ITERS)
+    return cfg, _sparse_student(cfg, room, out), out
+
+
+def test_sparse_stage_trains_evaluates_and_benchmarks_on_the_val_room(sparse):
+    _, section, out = sparse
+    s = section.student
+    assert s.steps == 2 and Path(s.run_dir) == out / "sparse_student" and (s.train_samples, s.val_samples) == (1, 1)
+    assert s.metrics["format"] == "occscannet" and s.metrics["num_samples"] == 1
+    assert set(s.baselines) == {"all-free", "voxel-majority"}
+    free = s.baselines["all-free"]
+    assert free["mIoU"] == 0 and free["IoU"] == 0  # all empty: no true positive
+    assert s.present_classes and set(s.present_classes) <= set(s.metrics["per_class"]) | {"empty"}
+    r = section.bench.result
+    assert [st.name for st in r.stages] == list(SPARSE_STAGES) and r.image_size == (48, 64)
+    assert 0 < r.latency_median_ms <= r.latency_p90_ms and section.bench.infos.endswith("val_subscenes.txt")
+    assert section.seconds >= s.train_seconds + section.bench.seconds - 1e-6
+
+
+def test_report_renders_the_sparse_section_last_and_json_round_trips(sparse, tmp_path):
+    cfg, section, out = sparse
+    readme = _report_markdown(cfg, [], None, None, None, out, section)
+    at = readme.index("## Sparse-query student on the room world")
+    assert at < readme.index("Configuration: `config.yaml`")
+    part = readme[at:]
+    s = section.student
+    assert f"| sparse student | {s.metrics['mIoU']:.2f} | {s.metrics['IoU']:.2f} |" in part
+    assert "| all-free | 0.00 | 0.00 |" in part and "benchmarks/results/sparse_ablation.md" in part
+    assert f"engine-only {section.bench.result.latency_median_ms:.1f}" in part
+    for cls in s.present_classes:
+        if cls in s.metrics["per_class"]:
+            assert f"| {cls} | " in part
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", part)
+    assert len(images) == 1 and (out / images[0]).is_file()
+    saved = json.loads(atomic_write_json(tmp_path / "report.json", {"sparse": asdict(section)}).read_text())["sparse"]
+    student = {**saved["student"], "present_classes": tuple(saved["student"]["present_classes"])}
+    back = SparseSection(StudentResult(**student), None, saved["seconds"])
+    assert back.student == s and saved["bench"]["result"]["latency_median_ms"] == section.bench.result.latency_median_ms
+
+
+def test_sparse_steps_need_a_val_room():
+    assert DemoConfig().room_scenes >= 2 and DemoConfig(sparse_steps=0, room_scenes=1).sparse_steps == 0
+    with pytest.raises(ValueError, match="sparse_steps must be >= 0"):
+        DemoConfig(sparse_steps=-1)
+    with pytest.raises(ValueError, match="needs room_scenes >= 2"):
+        DemoConfig(room_scenes=1)

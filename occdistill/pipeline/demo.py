@@ -5,7 +5,9 @@ train the dense student (``street-tiny``) on the street world -> evaluate it aga
 baselines -> benchmark it (``occdistill bench``: latency, FPS, memory, FLOPs, per-stage profile) ->
 deploy it: ONNX export with the val scene's camera rig baked in and its parity with eager PyTorch,
 INT8 variant, eager / onnxruntime side by side (``occdistill bench --side-by-side``), and the
-navigation costmap of one val frame next to the ground truth's.
+navigation costmap of one val frame next to the ground truth's -> train the sparse-query student
+(``room-sparse``) on the room world, evaluate it (Occ-ScanNet ISO metrics) against the image-free
+baselines and benchmark it.
 Every stage writes into one report folder; re-running resumes the data generation (completed
 frames are skipped) and an unchanged, interrupted training run, and rewrites the report.
 """
@@ -51,7 +53,7 @@ from occdistill.deploy.quantize import VARIANT_FILES, calibration_frames, quanti
 from occdistill.data.occ3d import Occ3DDataset
 from occdistill.engine.baselines import baseline_reports
 from occdistill.engine.config import TrainConfig, load_train_config
-from occdistill.engine.data import open_split
+from occdistill.engine.data import label_counts, open_split
 from occdistill.engine.loop import config_differences, train
 from occdistill.geometry.grid import VoxelGrid
 from occdistill.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -73,7 +75,7 @@ class DemoConfig:
     seed: int = 0
     street_scenes: int = 4  # the last scene is the val split; the student trains on the others
     street_frames: int = 6
-    room_scenes: int = 1
+    room_scenes: int = 2  # the last scene is the val split of the sparse student; it trains on the others
     room_frames: int = 4
     augmented_views: int = 2  # samples per dataset also drawn after strong augmentation
     student_config: str = "street-tiny"  # built-in training config (or YAML path) of the student
@@ -81,6 +83,8 @@ class DemoConfig:
     bench_iters: int = 10  # timed rounds of the student's benchmark and of the side-by-side; 0 skips both
     deploy: bool = True  # the deployment section (export, parity, INT8, side-by-side, costmap; ~1 min on 2 cores)
     deploy_compile: bool = False  # torch.compile in the side-by-side: its compilation alone takes ~40 s on 2 cores
+    sparse_config: str = "room-sparse"  # built-in training config (or YAML path) of the sparse-query student
+    sparse_steps: int = 150  # its training budget on the room world; 0 skips the sparse stage
 
     def __post_init__(self) -> None:
         for name in ("street_scenes", "street_frames", "room_scenes", "room_frames"):
@@ -88,9 +92,12 @@ class DemoConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.augmented_views < 0:
             raise ValueError(f"augmented_views must be >= 0, got {self.augmented_views}")
-        for name in ("train_steps", "bench_iters"):
+        for name in ("train_steps", "bench_iters", "sparse_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.sparse_steps > 0 and self.room_scenes < 2:
+            raise ValueError(f"sparse_steps > 0 needs room_scenes >= 2 (the last room is the val split), "
+                             f"got room_scenes={self.room_scenes}")
         for name in ("deploy", "deploy_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -154,7 +161,7 @@ def _check_dataset(
 
 @dataclass(frozen=True)
 class StudentResult:
-    """The trained student on the street val split, next to the image-free baselines (percent)."""
+    """A trained student on its world's val split, next to the image-free baselines (percent)."""
 
     config: str
     steps: int
@@ -163,20 +170,25 @@ class StudentResult:
     curves_png: str
     train_samples: int
     val_samples: int
-    metrics: dict[str, Any]  # occ3d_report of the student (EMA weights when the config has EMA)
-    baselines: dict[str, dict[str, Any]]  # name -> occ3d_report
+    metrics: dict[str, Any]  # occ3d_report / occscannet_report of the student (EMA weights when the config has EMA)
+    baselines: dict[str, dict[str, Any]]  # name -> report of the same format
+    present_classes: tuple[str, ...] = ()  # classes with voxels in the val split's labels (unknown not counted)
 
 
-def _train_student(cfg: DemoConfig, street: SynthResult, out: Path) -> StudentResult:
-    """Train ``cfg.student_config`` on the street train split for ``cfg.train_steps`` steps and
-    evaluate it on the val split. An interrupted run with the same config is resumed."""
+def _train_student(cfg: DemoConfig, world: SynthResult, out: Path, config: str | None = None,
+                   steps: int | None = None, name: str = "student") -> StudentResult:
+    """Train ``config`` (default ``cfg.student_config``) on the train split of ``world`` (default: the
+    street) for ``steps`` (default ``cfg.train_steps``) steps into ``out / name`` and evaluate it on the
+    val split. An interrupted run with the same config is resumed."""
+    config = cfg.student_config if config is None else config
+    steps = cfg.train_steps if steps is None else steps
     train_cfg = load_train_config(
-        cfg.student_config,
-        [f"data.root={street.out}", f"data.train_split={street.splits['train']}",
-         f"data.val_split={street.splits['val']}", f"optim.max_steps={cfg.train_steps}",
+        config,
+        [f"data.root={world.out}", f"data.train_split={world.splits['train']}",
+         f"data.val_split={world.splits['val']}", f"optim.max_steps={steps}",
          f"runtime.seed={cfg.seed}", "runtime.eval_every=0", "runtime.ckpt_every=50"],
     )
-    run_dir = out / "student"
+    run_dir = out / name
     resume = (run_dir / "checkpoints" / "latest.json").is_file() and not config_differences(
         load_config(TrainConfig, run_dir / "config.yaml"), train_cfg
     )
@@ -185,8 +197,9 @@ def _train_student(cfg: DemoConfig, street: SynthResult, out: Path) -> StudentRe
     result = train(train_cfg, run_dir, resume=resume)
     train_set, val_set = (open_split(train_cfg.data, split, augment=False) for split in ("train", "val"))
     baselines = baseline_reports(train_set, val_set)
+    counts = label_counts(val_set, camera_mask=False)
     return StudentResult(
-        config=cfg.student_config,
+        config=config,
         steps=result.step,
         train_seconds=result.seconds,
         run_dir=str(run_dir),
@@ -195,31 +208,52 @@ def _train_student(cfg: DemoConfig, street: SynthResult, out: Path) -> StudentRe
         val_samples=len(val_set),
         metrics=result.metrics,
         baselines=baselines,
+        present_classes=tuple(n for n, c in zip(val_set.classes.names, counts) if c > 0),
     )
 
 
 @dataclass(frozen=True)
 class StudentBench:
-    """``occdistill bench`` of the trained student on the street val split (``result``: all its numbers)."""
+    """``occdistill bench`` of a trained student on its world's val split (``result``: all its numbers)."""
 
     infos: str  # the frames read by the end-to-end rounds
     seconds: float  # wall time of loading the checkpoint and benchmarking: what the bench adds to the demo
     result: BenchResult
 
 
-def _bench_student(run_dir: str | Path, street: SynthResult, iters: int) -> StudentBench:
-    """What ``occdistill bench --checkpoint RUN --data ROOT --infos VAL`` measures, at the demo's budget:
+def _bench_student(run_dir: str | Path, world: SynthResult, iters: int) -> StudentBench:
+    """What ``occdistill bench --checkpoint RUN --data ROOT --infos VAL`` measures on ``world``'s val split
+    (the checkpoint's data format: street or room), at the demo's budget:
     batch 1 on the CPU with torch's thread count, ``BENCH_WARMUP`` + ``iters`` rounds, training pooling
     path only (the exportable path and the other engines: ``occdistill bench --side-by-side``)."""
     start = time.perf_counter()
     loaded = load_bench_model(checkpoint=run_dir)
     model, data = loaded.model, loaded.data
     # The student's own evaluation transform (not bench's default crop), so end-to-end is its real input pipeline.
-    dataset = open_bench_dataset(data.format, street.out, street.splits["val"], model.cfg.image_size, data.cameras,
+    dataset = open_bench_dataset(data.format, world.out, world.splits["val"], model.cfg.image_size, data.cameras,
                                  image_aug=data.image_aug)
     result = benchmark(model, dataset_inputs(dataset), dataset=dataset, model_name=loaded.name,
                        repeats=iters, warmup=BENCH_WARMUP, export_path=False)
-    return StudentBench(infos=str(street.splits["val"]), seconds=time.perf_counter() - start, result=result)
+    return StudentBench(infos=str(world.splits["val"]), seconds=time.perf_counter() - start, result=result)
+
+
+@dataclass(frozen=True)
+class SparseSection:
+    """The sparse-query student on the room world: trained and evaluated (Occ-ScanNet ISO metrics) next
+    to the image-free baselines, and its ``occdistill bench`` (None when ``bench_iters`` is 0)."""
+
+    student: StudentResult
+    bench: StudentBench | None
+    seconds: float  # wall time of training, evaluation and bench: what the sparse stage adds to the demo
+
+
+def _sparse_student(cfg: DemoConfig, room: SynthResult, out: Path) -> SparseSection:
+    """Train ``cfg.sparse_config`` on the room train split for ``cfg.sparse_steps`` steps into
+    ``out / "sparse_student"`` (resumed like the dense student), evaluate and benchmark it on the val room."""
+    start = time.perf_counter()
+    student = _train_student(cfg, room, out, config=cfg.sparse_config, steps=cfg.sparse_steps, name="sparse_student")
+    bench = _bench_student(student.run_dir, room, cfg.bench_iters) if cfg.bench_iters > 0 else None
+    return SparseSection(student, bench, time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
@@ -552,9 +586,68 @@ def _deploy_markdown(deploy: DeploySection, with_compile: bool, out: Path) -> li
     return lines
 
 
+def _sparse_markdown(sparse: SparseSection, out: Path) -> list[str]:
+    s = sparse.student
+    rows = {"sparse student": s.metrics, **s.baselines}
+    lines = [
+        "## Sparse-query student on the room world",
+        "",
+        f"`{s.config}` (OPUS-style sparse queries, `model.kind: sparse`) trained for {s.steps} steps "
+        f"({s.train_seconds / 60:.1f} min on this machine) on the",
+        f"{s.train_samples} frames of the room train split, evaluated on the {s.val_samples} frames of the val "
+        "split (an unseen room) with the Occ-ScanNet",
+        "ISO metrics: completion IoU / precision / recall of occupied against empty over every voxel (unknown "
+        "counts as empty), mIoU the plain",
+        "mean over the 11 classes (a class absent from GT and prediction scores 0 and still counts). `all-free` "
+        "predicts empty everywhere:",
+        "it has no true positive, so it scores 0 IoU and 0 mIoU by construction; `voxel-majority` the most "
+        "frequent training label of each voxel.",
+        "",
+        "| predictor | mIoU | IoU | precision | recall |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {_pct(r['mIoU'])} | {_pct(r['IoU'])} | {_pct(r.get('precision'))} | "
+                     f"{_pct(r.get('recall'))} |")
+    present = [c for c in s.metrics["per_class"] if c in s.present_classes]
+    if present:
+        lines += ["", "Per-class IoU (classes present in the val split):", "",
+                  "| class | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+        for cls in present:
+            lines.append(f"| {cls} | " + " | ".join(_pct(r["per_class"][cls]) for r in rows.values()) + " |")
+    if sparse.bench is not None:
+        r = sparse.bench.result
+        h, w = r.image_size
+        stages = ", ".join(f"{st.name} {st.share:.0%}" for st in r.stages)
+        lines += [
+            "",
+            f"Latency (`occdistill bench`, {r.device}, {r.dtype}, {r.machine['torch_threads']} torch threads, batch "
+            f"{r.batch} at {h}x{w}, median (p90) of {r.repeats} rounds",
+            f"after {r.warmup} warm-up rounds): engine-only {_ms_cell(r.latency_median_ms, r.latency_p90_ms)} ms "
+            f"({r.fps:.1f} FPS), end-to-end from the val room's files",
+            f"{_ms_cell(r.end_to_end_median_ms, r.end_to_end_p90_ms)} ms; stages {stages}; {r.gflops:.2f} GFLOPs, "
+            f"{r.params / 1e6:.2f} M parameters.",
+        ]
+    rel = Path(s.curves_png).relative_to(out).as_posix()
+    lines += [
+        "",
+        "This is a demo-sized budget on a few frames (the config's own budget is 300 steps on 216 frames). The "
+        "DiScene ablation on a larger room",
+        "world, `benchmarks/results/sparse_ablation.md`, distils this student from `room-sparse-teacher`: all four "
+        "levels + teacher-guided",
+        "initialisation close 80% +- 10% of the student-teacher mIoU gap over 2 seeds.",
+        "",
+        f"Training curves: ![sparse curves]({rel})",
+        "",
+        f"The sparse stage took {sparse.seconds:.0f} s.",
+        "",
+    ]
+    return lines
+
+
 def _report_markdown(
     cfg: DemoConfig, checks: list[DatasetCheck], student: StudentResult | None, bench: StudentBench | None,
-    deploy: DeploySection | None, out: Path,
+    deploy: DeploySection | None, out: Path, sparse: SparseSection | None = None,
 ) -> str:
     lines = [
         "# occdistill demo report",
@@ -588,6 +681,8 @@ def _report_markdown(
         lines += _bench_markdown(bench)
     if deploy is not None:
         lines += _deploy_markdown(deploy, cfg.deploy_compile, out)
+    if sparse is not None:
+        lines += _sparse_markdown(sparse, out)
     lines += ["", f"Configuration: `config.yaml`. Numbers: `report.json`. Seed {cfg.seed}.", ""]
     return "\n".join(lines)
 
@@ -610,9 +705,11 @@ def run_demo(cfg: DemoConfig, out: Path) -> Path:
         bench = _bench_student(student.run_dir, street, cfg.bench_iters)
     if student is not None and cfg.deploy:
         deploy = _deploy_student(student.run_dir, cfg.bench_iters, cfg.deploy_compile, out)
+    sparse = _sparse_student(cfg, room, out) if cfg.sparse_steps > 0 else None
     report = {"config": asdict(cfg), "checks": [asdict(c) for c in checks],
               "student": asdict(student) if student is not None else None,
               "bench": asdict(bench) if bench is not None else None,
-              "deploy": asdict(deploy) if deploy is not None else None}
+              "deploy": asdict(deploy) if deploy is not None else None,
+              "sparse": asdict(sparse) if sparse is not None else None}
     atomic_write_json(out / "report.json", report)
-    return atomic_write_text(out / "README.md", _report_markdown(cfg, checks, student, bench, deploy, out))
+    return atomic_write_text(out / "README.md", _report_markdown(cfg, checks, student, bench, deploy, out, sparse))

@@ -26,7 +26,7 @@ from occdistill.engine.tasks import (
     predict_labels,
     teacher_init,
 )
-from occdistill.errors import ConfigError
+from occdistill.errors import ConfigError, DataError
 from occdistill.models.build import build_model
 
 SYNTH = [
@@ -189,3 +189,13 @@ def test_teacher_guided_init_alone_never_runs_the_teacher(street, sparse_teacher
     assert not calls and not any(k.startswith("kd.") for k in terms)
     assert not any(p.requires_grad for p in objective.distiller.adapter.parameters())
     train(cfg, tmp_path / "tgi")  # and the loop trains it
+
+
+def test_sparse_depth_prior_student_reads_the_datasets_depth_maps_in_training_and_evaluation(street, tmp_path):
+    overrides = [*sparse(), "model.sparse.depth_prior=true", "optim.max_steps=2", "loss.depth_weight=0"]
+    with pytest.raises(DataError, match="data.depth"):
+        train(config(street, *overrides, "data.depth=none"), tmp_path / "no_depth")
+    result = train(config(street, *overrides, "data.depth=rendered"), tmp_path / "prior")
+    assert result.metrics["num_samples"] == 2
+    val = open_split(config(street, *overrides, "data.depth=rendered").data, "val", augment=False, depth_input=True)
+    assert val[0].depth is not None and float(val[0].depth.max()) > 0

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from occdistill.engine.data import open_split
     from occdistill.engine.distributed import DistContext, resolve_device
     from occdistill.engine.evaluate import evaluate
+    from occdistill.engine.tasks import takes_depth_input
     from occdistill.errors import OccDistillError
     from occdistill.io import atomic_write_json
     from occdistill.metrics import format_table
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ckpt.config
     if args.split is None and not cfg.data.val_split:
         raise OccDistillError(f"{ckpt.path}: the config has no data.val_split; pass --split")
-    dataset = open_split(cfg.data, "val", augment=False, root=args.data, split_path=args.split)
+    dataset = open_split(cfg.data, "val", augment=False, root=args.data, split_path=args.split,
+                         depth_input=takes_depth_input(model))
     device = resolve_device(args.device, DistContext())
     report = evaluate(model.to(device), dataset, device, batch_size=args.batch_size, workers=args.workers,
                       rayiou=not args.no_rayiou, amp=cfg.runtime.amp, save_pred=args.save_pred, progress=True)

@@ -43,14 +43,20 @@ def _split_path(root: Path, stored: str) -> Path:
 
 
 def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, root: str | Path | None = None,
-               split_path: str | Path | None = None) -> Dataset:
-    """The ``split`` dataset of ``cfg``; ``root``/``split_path`` replace the configured ones (eval CLI)."""
+               split_path: str | Path | None = None, depth_input: bool = False) -> Dataset:
+    """The ``split`` dataset of ``cfg``; ``root``/``split_path`` replace the configured ones (eval CLI).
+
+    Depth maps (``data.depth``) are a training target, loaded for the train split only, unless
+    ``depth_input``: the model reads them as an input (the sparse student's depth prior), on every split."""
+    if depth_input and cfg.depth == "none":
+        raise DataError("the model takes a prior depth map as input (model.sparse.depth_prior): set data.depth "
+                        "(auto, lidar or rendered)")
     data_root = Path(root if root is not None else cfg.root)
     if not data_root.is_dir():
         raise DataError(f"{data_root}: data root not found (data.root)")
     stored = str(split_path) if split_path is not None else (cfg.train_split if split == "train" else cfg.val_split)
     common = dict(image_aug=cfg.image_aug, bev_aug=cfg.bev_aug, augment=augment, seed=seed)
-    depth = cfg.depth if split == "train" else "none"  # depth targets are a training signal only
+    depth = cfg.depth if split == "train" or depth_input else "none"
     if cfg.format == "occ3d":
         if not stored:
             raise DataError(f"data.{split}_split: occ3d needs an info pickle")

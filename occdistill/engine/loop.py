@@ -67,7 +67,14 @@ from occdistill.engine.history import History, plot_curves, read_records
 from occdistill.engine.objective import class_weights
 from occdistill.engine.precision import grad_scaler
 from occdistill.engine.schedule import LRSchedule
-from occdistill.engine.tasks import Objective, build_objective, load_teacher, teacher_init, temporal_frames
+from occdistill.engine.tasks import (
+    Objective,
+    build_objective,
+    load_teacher,
+    takes_depth_input,
+    teacher_init,
+    temporal_frames,
+)
 from occdistill.errors import ConfigError, OccDistillError
 from occdistill.io import atomic_write_json
 from occdistill.models.build import build_model
@@ -221,9 +228,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
 
     # --- data, model, teacher, objective, optimiser ----------------------------------------------
     torch.manual_seed(rt.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    train_set = open_split(cfg.data, "train", augment=True, seed=rt.seed)
-    val_set = open_split(cfg.data, "val", augment=False) if cfg.data.val_split else None
     model = build_model(cfg.model)
+    depth_input = takes_depth_input(model)
+    train_set = open_split(cfg.data, "train", augment=True, seed=rt.seed, depth_input=depth_input)
+    val_set = open_split(cfg.data, "val", augment=False, depth_input=depth_input) if cfg.data.val_split else None
     train_data, dump_channels = _training_data(cfg, train_set, temporal_frames(model))
     _check_fits(cfg, model, train_set)
     if rt.sync_bn and ctx.distributed and device.type == "cuda":

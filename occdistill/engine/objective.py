@@ -20,10 +20,12 @@ from occdistill.models.dense import DenseOutput
 from occdistill.nn.depth_bins import DepthBins
 
 
-def forward_batch(model: nn.Module, batch: Batch):
+def forward_batch(model: nn.Module, batch: Batch, prior_depth: torch.Tensor | None = None):
     """Run a model of any kind on the cameras of a batch already on the model's device (its output
-    dataclass: ``DenseOutput``, ``GaussianOutput`` or ``SparseOutput``)."""
-    return model(batch.images, batch.intrinsics, batch.img_from_raw, batch.ego_from_cam)
+    dataclass: ``DenseOutput``, ``GaussianOutput`` or ``SparseOutput``); ``prior_depth``
+    (B, N, H, W) for a sparse student with the depth-prior branch."""
+    cams = (batch.images, batch.intrinsics, batch.img_from_raw, batch.ego_from_cam)
+    return model(*cams) if prior_depth is None else model(*cams, prior_depth=prior_depth)
 
 
 def class_weights(counts: np.ndarray, mode: str, exponent: float = 0.5) -> torch.Tensor | None:

@@ -150,8 +150,6 @@ class SparseObjective(Objective):
                  distill: DistillConfig | None = None, teacher: SparseOccStudent | None = None,
                  anchor_class_weights: torch.Tensor | None = None) -> None:
         super().__init__(model, amp)
-        if model.cfg.depth_prior:
-            raise ConfigError("model.sparse.depth_prior: the training engine does not feed prior depth maps yet")
         self.loss, self.seed = loss, seed
         self.distiller = None
         self.levels_on = False  # some DiScene level has a weight: the teacher runs every step
@@ -173,8 +171,9 @@ class SparseObjective(Objective):
         gen = torch.Generator(device=batch.images.device).manual_seed(self.seed * 1_000_003 + step)
         with autocast(batch.images.device, self.amp):
             # TGI alone keeps the teacher for the initialisation but never runs it.
-            distilled = self.distiller(batch, generator=gen) if self.levels_on else None
-            out = distilled.student if distilled is not None else forward_batch(self.model, batch)
+            prior = prior_depth(self.model, batch)
+            distilled = self.distiller(batch, prior, generator=gen) if self.levels_on else None
+            out = distilled.student if distilled is not None else forward_batch(self.model, batch, prior)
         terms = sparse_loss(out, batch, self.loss.sparse, gen)
         if distilled is not None:
             total = terms.pop("total")
@@ -195,6 +194,23 @@ def teacher_init(objective: Objective, distill: DistillConfig) -> str | None:
         raise ConfigError("distill.teacher_guided_init needs a sparse student and a sparse teacher "
                           "(distill.checkpoint)")
     return str(teacher_guided_init(objective.model, objective.distiller.teacher))
+
+
+def takes_depth_input(model: nn.Module) -> bool:
+    """The model reads a prior depth map per camera (the sparse student's DiScene† depth branch)."""
+    return isinstance(model, SparseOccStudent) and model.cfg.depth_prior
+
+
+def prior_depth(model: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """The prior depth input (B, N, H, W) metres (0 = none) of a depth-prior model: the batch's
+    depth maps (``data.depth``: rendered or LiDAR, moved by the image augmentation); None for
+    other models."""
+    if not takes_depth_input(model):
+        return None
+    if batch.depth is None:
+        raise ConfigError("the model takes a prior depth map (model.sparse.depth_prior) but the batch has none: "
+                          "set data.depth")
+    return batch.depth
 
 
 def temporal_frames(model: nn.Module) -> int:
@@ -220,7 +236,7 @@ def predict_labels(model: nn.Module, item: TrainItem, amp: str = "off") -> torch
         if isinstance(model, DenseStudent):
             out = dense_forward(model, batch, item.previous)
         else:
-            out = forward_batch(model, batch)
+            out = forward_batch(model, batch, prior_depth(model, batch))
     if isinstance(model, SparseOccStudent):
         return model.voxelize(out).to(torch.uint8)
     return out.voxel_logits.argmax(dim=-1).to(torch.uint8)

@@ -2,9 +2,9 @@
 ``mask_camera`` + RayIoU, or the Occ-ScanNet ISO metrics. Used by training's periodic evaluation,
 ``occdistill eval`` and the demo.
 
-Each process evaluates its shard of whole scenes in time order (:func:`scene_shard`); the metric
-counts are summed over processes before the report is computed, so every rank returns the same
-report. On Occ3D-layout data the report also holds ``flicker``: the percentage of static
+Each process evaluates its shard of whole scenes in time order
+(:func:`occdistill.engine.data.scene_shard`); the metric counts are summed over processes before the
+report is computed, so every rank returns the same report. On Occ3D-layout data the report also holds ``flicker``: the percentage of static
 camera-visible voxels whose predicted label changes between consecutive frames
 (:mod:`occdistill.metrics.flicker`), and ``flicker_occupied`` over static occupied voxels.
 """
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from occdistill.data.build import Dataset
 from occdistill.data.occ3d import Occ3DDataset
-from occdistill.engine.data import eval_loader, scene_shard  # noqa: F401 (scene_shard: docstring)
+from occdistill.engine.data import eval_loader
 from occdistill.engine.distributed import DistContext, metric_device
 from occdistill.engine.tasks import predict_labels, temporal_frames
 from occdistill.io import atomic_save_npz

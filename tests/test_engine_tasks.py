@@ -199,3 +199,17 @@ def test_sparse_depth_prior_student_reads_the_datasets_depth_maps_in_training_an
     assert result.metrics["num_samples"] == 2
     val = open_split(config(street, *overrides, "data.depth=rendered").data, "val", augment=False, depth_input=True)
     assert val[0].depth is not None and float(val[0].depth.max()) > 0
+
+
+def test_earlier_keyframes_carry_camera_inputs_only_with_the_samples_augmentation(street):
+    from occdistill.engine.data import WithPreviousFrames
+
+    cfg = config(street, *DENSE, "data.depth=rendered")
+    frames = WithPreviousFrames(open_split(cfg.data, "train", augment=True, seed=0), 1)
+    frames.set_epoch(3)
+    item = frames[1]  # second frame of the first scene
+    (prev,) = item.previous
+    assert prev.frame_index == 0 and prev.scene_name == item.current.scene_name
+    assert torch.equal(prev.bda, item.current.bda)
+    assert prev.semantics is None and prev.depth is None and item.current.semantics is not None
+    assert frames[0].previous[0].frame_index == 0  # scene start: the sample itself, inputs only

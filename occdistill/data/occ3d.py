@@ -9,6 +9,7 @@ The shared per-camera loading (:func:`load_views`) is also used by the Occ-ScanN
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -221,6 +222,13 @@ class Occ3DDataset(Dataset):
         """New random draws per epoch. DataLoader workers copy the dataset when they start, so call
         this before iterating; persistent workers would keep the old epoch."""
         self.epoch = int(epoch)
+
+    def inputs_only(self) -> "Occ3DDataset":
+        """A view that reads the camera inputs only (no labels, depth or semantic maps), with the
+        same augmentation draws: what the earlier keyframes of a temporal sample need."""
+        view = copy.copy(self)
+        view.with_labels, view.depth, view.semantic_maps = False, "none", False
+        return view
 
     def frame(self, index: int) -> FrameInfo:
         return self.infos.frames[index]

@@ -26,6 +26,7 @@ ignored in training, counted as empty by the metric). A pickle that also stores 
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 from typing import Any, Sequence
@@ -123,6 +124,13 @@ class OccScanNetDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """New random draws per epoch (call before iterating; see Occ3DDataset.set_epoch)."""
         self.epoch = int(epoch)
+
+    def inputs_only(self) -> "OccScanNetDataset":
+        """A view that reads the camera inputs only (no labels, depth or semantic maps), with the
+        same augmentation draws: what the earlier keyframes of a temporal sample need."""
+        view = copy.copy(self)
+        view.with_labels, view.load_depth, view.semantic_maps = False, False, False
+        return view
 
     def scene_name(self, index: int) -> str:
         return self.paths[index].parent.name

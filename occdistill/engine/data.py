@@ -98,27 +98,29 @@ class TrainItem:
 class WithPreviousFrames(TorchDataset):
     """``dataset[i]`` with its ``frames`` earlier keyframes of the same scene, newest first, each
     loaded with sample i's augmentation draws (so one BEV augmentation holds for all of them:
-    the temporal warp assumes it). A missing earlier frame (scene start) repeats the sample itself,
-    which :func:`occdistill.models.dense.training_history` turns into a zero history slot."""
+    the temporal warp assumes it) and without labels or depth, which nothing reads for them. A
+    missing earlier frame (scene start) repeats the sample itself, which
+    :func:`occdistill.models.dense.training_history` turns into a zero history slot."""
 
     def __init__(self, dataset: Dataset, frames: int) -> None:
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
         self.dataset, self.frames = dataset, frames
+        self.inputs = dataset.inputs_only()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+        self.inputs.set_epoch(epoch)  # its own copy of the epoch: the same draws as the sample's
 
     def __getitem__(self, index: int) -> FramesSample:
-        current = self.dataset[index]
         previous = []
         for steps in range(1, self.frames + 1):
             earlier = self.dataset.previous(index, steps)
-            previous.append(current if earlier is None else self.dataset.load(earlier, aug_index=index))
-        return FramesSample(current, tuple(previous))
+            previous.append(self.inputs.load(index if earlier is None else earlier, aug_index=index))
+        return FramesSample(self.dataset[index], tuple(previous))
 
 
 def collate_item(items: Sequence[Sample | DistillSample | FramesSample]) -> TrainItem:

@@ -6,6 +6,7 @@ Write to a temporary file in the destination directory, flush and fsync, then ``
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -56,3 +57,12 @@ def atomic_save_npz(path: str | os.PathLike, compressed: bool = True, **arrays: 
     buf = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints and models can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

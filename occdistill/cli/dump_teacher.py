@@ -21,7 +21,6 @@ Format spec: docs/teacher_targets.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 
@@ -117,13 +116,6 @@ def _stored_split(args: argparse.Namespace) -> str | None:
     return None if args.infos is None else str(args.infos)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _dump_checkpoint(args: argparse.Namespace, shard):
     """One share of a checkpoint teacher's dump."""
@@ -192,6 +184,7 @@ def _dump_checkpoint(args: argparse.Namespace, shard):
 def _dump_external(args: argparse.Namespace, shard):
     from occdistill.cli.check_dump import open_eval_dataset
     from occdistill.errors import OccDistillError
+    from occdistill.io import file_sha256
     from occdistill.targets.external import convert_external
     from occdistill.targets.manifest import TeacherInfo
 
@@ -199,7 +192,7 @@ def _dump_external(args: argparse.Namespace, shard):
         raise OccDistillError("--external needs --frame-list, --teacher-checkpoint and --data (and --infos for occ3d)")
     ck = args.teacher_checkpoint
     if Path(ck).is_file():
-        sha = _file_sha256(Path(ck))
+        sha = file_sha256(Path(ck))
     elif len(ck) == 64 and all(c in "0123456789abcdef" for c in ck.lower()):
         sha = ck.lower()
     else:

@@ -53,7 +53,7 @@ from torch import nn
 from occdistill.deploy.rig import Rig
 from occdistill.errors import OccDistillError
 from occdistill.geometry.grid import VoxelGrid
-from occdistill.io import atomic_write_bytes, atomic_write_json
+from occdistill.io import atomic_write_bytes, atomic_write_json, file_sha256
 from occdistill.models.dense import DenseStudent
 
 FORMAT = "occdistill-onnx"
@@ -607,13 +607,6 @@ SPARSE_TORCHSCRIPT_REASON = (
 )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -765,7 +758,7 @@ def export_onnx(
         path=path, sidecar=sidecar_path(path), opset=int(actual_opset), exporter=exporter,
         inputs=_io_info(proto.graph.input), outputs=_io_info(proto.graph.output), input_format=input_format,
         rig_hash=meta["rig_hash"], camera_names=tuple(rig.camera_names), image_size=tuple(model.cfg.image_size),
-        sha256=_file_sha256(path), size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - start, 2),
+        sha256=file_sha256(path), size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - start, 2),
         notes=(RIG_WARNING, f"{reshaped} size-1 Transpose(s) rewritten as Reshape",
                "nn.Softplus exported as relu(x) + log1p(exp(-|x|)) (vectorised ops)",
                "dense: head Linear layers with the bias as an extra input row (one MatMul, no bias pass); "

@@ -31,13 +31,12 @@ import numpy as np
 from occdistill.deploy.export import (
     META_PREFIX,
     OnnxOccModel,
-    _file_sha256,
     compare_rig,
     read_metadata,
     sidecar_path,
 )
 from occdistill.errors import OccDistillError
-from occdistill.io import atomic_write_bytes, atomic_write_json
+from occdistill.io import atomic_write_bytes, atomic_write_json, file_sha256
 
 PRECISIONS = ("fp32", "fp16", "int8")
 POOLING_SCOPE = "fixed_pool"  # module path of the precomputed pooling inside the exported DenseStudent
@@ -92,7 +91,7 @@ def _finish(proto: Any, dst: Path, src_meta: dict[str, Any], precision: str, ext
         entry.key = META_PREFIX + key
         entry.value = value if isinstance(value, str) else json.dumps(value)
     atomic_write_bytes(dst, proto.SerializeToString())
-    sha = _file_sha256(dst)
+    sha = file_sha256(dst)
     atomic_write_json(sidecar_path(dst), {**meta, "file": dst.name, "sha256": sha, "size_bytes": dst.stat().st_size})
     return VariantFile(precision, dst, dst.stat().st_size, sha, round(seconds, 2), extra)
 

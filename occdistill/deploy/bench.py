@@ -348,16 +348,24 @@ def _dense_stages(model: DenseStudent, images: torch.Tensor, intrinsics: torch.T
     return StagedOutput(output=out, labels=labels)
 
 
-def _sparse_stages(model: SparseOccStudent, images: torch.Tensor, intrinsics: torch.Tensor,
-                   img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
-    """``SparseOccStudent.forward`` without extra query groups or depth prior, then ``voxelize``."""
+def _multilevel_features(model: SparseOccStudent | GaussianTeacher, images: torch.Tensor,
+                         lap: Lap) -> list[torch.Tensor]:
+    """``image_features()`` of the sparse student and the Gaussian teacher, with a lap after the
+    backbone and after the neck: (B, N, 3, H, W) -> normalised (B*N, 3, H, W) -> ResNet -> L FPN
+    levels (B, N, C, h_l, w_l), fine to coarse."""
     batch, cams = images.shape[:2]
-    # image_features(): (B*N, 3, H, W) normalised -> ResNet -> L FPN levels (B, N, C_f, h_l, w_l)
-    x = (images.flatten(0, 1) - model.pixel_mean) / model.pixel_std
-    pyramid = model.backbone(x)
+    pyramid = model.backbone((images.flatten(0, 1) - model.pixel_mean) / model.pixel_std)
     lap("backbone")
     feats = [f.view(batch, cams, *f.shape[1:]) for f in model.neck(pyramid)]
     lap("neck")
+    return feats
+
+
+def _sparse_stages(model: SparseOccStudent, images: torch.Tensor, intrinsics: torch.Tensor,
+                   img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
+    """``SparseOccStudent.forward`` without extra query groups or depth prior, then ``voxelize``."""
+    batch = images.shape[0]
+    feats = _multilevel_features(model, images, lap)
     proj = model.img_from_ego(intrinsics, img_from_raw, ego_from_cam)  # (B, N, 3, 4)
     init = model.initial_points(batch)  # (B, Q, 3) metres
     layers = model.decode(init, feats, proj, None)
@@ -373,13 +381,7 @@ def _gaussian_stages(model: GaussianTeacher, images: torch.Tensor, intrinsics: t
                      img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
     """``GaussianTeacher.forward`` then the argmax."""
     cfg = model.cfg
-    batch, cams = images.shape[:2]
-    # image_features(): (B*N, 3, H, W) normalised -> ResNet -> L FPN levels (B, N, C, h_l, w_l), fine to coarse
-    x = (images.flatten(0, 1) - model.pixel_mean) / model.pixel_std
-    pyramid = model.backbone(x)
-    lap("backbone")
-    feats = [f.view(batch, cams, *f.shape[1:]) for f in model.neck(pyramid)]
-    lap("neck")
+    feats = _multilevel_features(model, images, lap)
     depth_logits, context, rays = model.lifter(feats[0], intrinsics, img_from_raw, ego_from_cam)
     init_depth = depth_logits.softmax(dim=2)  # (B, N, D+1, h, w)
     means, ray_index = model.lifter.select(init_depth, rays)  # (B, G0, 3), (B, G0)

@@ -106,7 +106,10 @@ class DenseObjective(Objective):
                 out = forward_batch(self.teacher, item.batch)
         if isinstance(self.teacher, GaussianTeacher):
             return TeacherSignals.from_gaussian_output(out)
-        return TeacherSignals.from_dense_output(out, self.classes.free_index)
+        d = self.distill.dense
+        # BEV probabilities are collapsed from the teacher's voxels only when MFD matches them.
+        wants_bev_probs = d.lambda_feat > 0 and d.mfd_target == "bev_prob"
+        return TeacherSignals.from_dense_output(out, self.classes.free_index if wants_bev_probs else None)
 
     def forward(self, item: TrainItem, step: int) -> dict[str, torch.Tensor]:
         batch = item.batch

@@ -125,7 +125,7 @@ def _dump_checkpoint(args: argparse.Namespace, shard):
 
     from occdistill.data.sample import collate
     from occdistill.engine.checkpoint import EMA_WEIGHTS, META, WEIGHTS, load_checkpoint, load_weights
-    from occdistill.engine.data import open_split
+    from occdistill.engine.data import model_grid, open_split
     from occdistill.engine.distributed import DistContext, resolve_device
     from occdistill.engine.objective import forward_batch
     from occdistill.engine.precision import autocast
@@ -137,9 +137,10 @@ def _dump_checkpoint(args: argparse.Namespace, shard):
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt.config
     if args.split in ("train", "val"):
-        dataset = open_split(cfg.data, args.split, augment=False, root=args.data)
+        dataset = open_split(cfg.data, args.split, augment=False, grid=model_grid(cfg.model), root=args.data)
     else:
-        dataset = open_split(cfg.data, "val", augment=False, root=args.data, split_path=args.split)
+        dataset = open_split(cfg.data, "val", augment=False, grid=model_grid(cfg.model), root=args.data,
+                             split_path=args.split)
     model = build_model(cfg.model)
     use_ema = args.weights == "ema" and ckpt.ema_weights is not None
     load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)

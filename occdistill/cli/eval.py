@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ckpt.config
     if args.split is None and not cfg.data.val_split:
         raise OccDistillError(f"{ckpt.path}: the config has no data.val_split; pass --split")
-    dataset = open_split(cfg.data, "val", augment=False, root=args.data, split_path=args.split,
+    dataset = open_split(cfg.data, "val", augment=False, grid=model.grid, root=args.data, split_path=args.split,
                          depth_input=takes_depth_input(model))
     device = resolve_device(args.device, DistContext())
     report = evaluate(model.to(device), dataset, device, batch_size=args.batch_size, workers=args.workers,

@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         for split, override in (("train", args.train_split), ("val", args.val_split)):
             stored = override or (data_cfg.train_split if split == "train" else data_cfg.val_split)
             if stored:
-                splits[split] = open_split(data_cfg, split, augment=False, root=args.data, split_path=override)
+                splits[split] = open_split(data_cfg, split, augment=False, grid=model.grid, root=args.data,
+                                           split_path=override)
     if args.rig == "dataset":
         if args.rig_split not in splits:
             raise OccDistillError(f"--rig dataset: no {args.rig_split} split (give --checkpoint/--config with a data "

@@ -49,9 +49,25 @@ _DEPTH_KEYS = ("depth_gt", "depth_path", "depth")
 
 
 def scannet_grid(shape: tuple[int, int, int] = (60, 60, 36), voxel_size: float = 0.08) -> VoxelGrid:
-    """The label grid in the Occ-ScanNet ego frame defined above."""
+    """The label grid in the Occ-ScanNet ego frame defined above (default: Occ-ScanNet's own)."""
     x, y, z = (s * voxel_size for s in shape)
     return VoxelGrid(range=(-x / 2, -y / 2, 0.0, x / 2, y / 2, z), voxel_size=(voxel_size,) * 3)
+
+
+def scannet_grid_params(grid: VoxelGrid, what: str = "grid") -> tuple[tuple[int, int, int], float]:
+    """(shape, voxel size) of ``grid`` when it is a label grid in the Occ-ScanNet ego frame (cubic
+    voxels, centred on the ego z axis, bottom at z = 0: what :func:`scannet_grid` builds); a
+    :class:`DataError` naming ``what`` otherwise. The frame pickles store ``voxel_origin`` but no
+    voxel size, so a reader places its grid this way from the shape and voxel size alone."""
+    size = grid.voxel_size[0]
+    expected = scannet_grid(grid.shape, size).range
+    # Tolerance: a config's 2.4 and the product 24 * 0.1 differ in the last bits.
+    if not np.allclose(grid.voxel_size, size, rtol=0, atol=1e-9) or not np.allclose(grid.range, expected, rtol=0,
+                                                                                     atol=1e-6):
+        raise DataError(f"{what} range {grid.range} voxel size {grid.voxel_size} is not an Occ-ScanNet label grid "
+                        f"(cubic voxels, x and y centred on the ego origin, z from 0: range {expected} for "
+                        f"{'x'.join(map(str, grid.shape))} voxels of {size} m)")
+    return grid.shape, size
 
 
 def _frame_key(path: Path) -> tuple:
@@ -168,6 +184,11 @@ class OccScanNetDataset(Dataset):
         if missing:
             raise DataError(f"{path}: missing key(s) {missing} (has {sorted(rec)})")
         return rec
+
+    def label_shape(self, index: int = 0) -> tuple[int, ...]:
+        """Shape of frame ``index``'s ``target_1_4`` as stored (the data's own grid, whatever
+        this reader was told)."""
+        return tuple(np.shape(self.read_record(index)["target_1_4"]))
 
     def _labels(self, target: Any, where: str) -> np.ndarray:
         sem = np.asarray(target)

@@ -19,12 +19,14 @@ from torch.utils.data import Dataset as TorchDataset
 from occdistill.data.build import Dataset, classes_for
 from occdistill.data.labels import load_occ3d_labels
 from occdistill.data.occ3d import Occ3DDataset
-from occdistill.data.occscannet import OccScanNetDataset
+from occdistill.data.occscannet import OccScanNetDataset, scannet_grid, scannet_grid_params
 from occdistill.data.sample import Batch, Sample, collate
 from occdistill.engine.config import DataConfig
 from occdistill.engine.distributed import DistContext, ResumableSampler
 from occdistill.engine.sequence import group_scenes, scene_names_of, shard_scenes
 from occdistill.errors import DataError
+from occdistill.geometry.grid import VoxelGrid
+from occdistill.models.build import ModelConfig
 from occdistill.targets.loader import DistillSample, TargetBatch, collate_distill
 
 
@@ -42,9 +44,20 @@ def _split_path(root: Path, stored: str) -> Path:
     return path if path.is_absolute() or path.exists() else root / path
 
 
-def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, root: str | Path | None = None,
-               split_path: str | Path | None = None, depth_input: bool = False) -> Dataset:
+def model_grid(cfg: ModelConfig) -> VoxelGrid:
+    """The voxel grid a model config predicts (``model.<kind>.grid``): the grid its data must have."""
+    return cfg.selected.grid.voxel_grid()
+
+
+def open_split(cfg: DataConfig, split: Split, *, augment: bool, grid: VoxelGrid | None = None, seed: int = 0,
+               root: str | Path | None = None, split_path: str | Path | None = None,
+               depth_input: bool = False) -> Dataset:
     """The ``split`` dataset of ``cfg``; ``root``/``split_path`` replace the configured ones (eval CLI).
+
+    ``grid``: the model's voxel grid (``model.grid``, or :func:`model_grid` of its config), which the
+    labels must fill. Occ-ScanNet frames store no voxel size, so their grid is this one (None: the
+    Occ-ScanNet default, 60x60x36 at 0.08 m), checked against the first frame's label shape here;
+    Occ3D info pickles that carry a grid in their metadata must agree with it.
 
     Depth maps (``data.depth``) are a training target, loaded for the train split only, unless
     ``depth_input``: the model reads them as an input (the sparse student's depth prior), on every split."""
@@ -61,13 +74,22 @@ def open_split(cfg: DataConfig, split: Split, *, augment: bool, seed: int = 0, r
         if not stored:
             raise DataError(f"data.{split}_split: occ3d needs an info pickle")
         return Occ3DDataset(
-            data_root, _split_path(data_root, stored), depth=depth, cameras=cfg.cameras or None,
+            data_root, _split_path(data_root, stored), depth=depth, cameras=cfg.cameras or None, grid=grid,
             classes=classes_for("occ3d"), **common,
         )
-    return OccScanNetDataset(
+    source = "the model's grid" if grid is not None else "the default Occ-ScanNet grid (no model grid given)"
+    shape, voxel_size = scannet_grid_params(grid if grid is not None else scannet_grid(), source)
+    dataset = OccScanNetDataset(
         data_root, split_file=_split_path(data_root, stored) if stored else None, load_depth=depth != "none",
-        classes=classes_for("occscannet"), **common,
+        shape=shape, voxel_size=voxel_size, classes=classes_for("occscannet"), **common,
     )
+    labels = dataset.label_shape(0)
+    if labels != dataset.grid.shape:
+        fmt = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise DataError(f"{dataset.paths[0]}: target_1_4 is {fmt(labels)} voxels but {source} is "
+                        f"{fmt(dataset.grid.shape)} ({voxel_size} m voxels): set model.<kind>.grid (range, "
+                        "voxel_size) to the data's grid")
+    return dataset
 
 
 @dataclass

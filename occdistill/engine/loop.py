@@ -230,8 +230,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
     torch.manual_seed(rt.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg.model)
     depth_input = takes_depth_input(model)
-    train_set = open_split(cfg.data, "train", augment=True, seed=rt.seed, depth_input=depth_input)
-    val_set = open_split(cfg.data, "val", augment=False, depth_input=depth_input) if cfg.data.val_split else None
+    train_set = open_split(cfg.data, "train", augment=True, grid=model.grid, seed=rt.seed, depth_input=depth_input)
+    val_set = (open_split(cfg.data, "val", augment=False, grid=model.grid, depth_input=depth_input)
+               if cfg.data.val_split else None)
     train_data, dump_channels = _training_data(cfg, train_set, temporal_frames(model))
     _check_fits(cfg, model, train_set)
     if rt.sync_bn and ctx.distributed and device.type == "cuda":

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    parser.add_argument("--temporal-filter", type=float, default=0.0, metavar="W",
+                        help="score the streaming voxel filter's labels: each frame's log-probabilities blended "
+                             "with the previous frame's filtered ones (weight W in [0, 1), warped by ego motion; "
+                             "Occ3D data, dense or Gaussian models; default 0 = per-frame argmax)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.workers < 0:
         raise OccDistillError("--batch-size must be >= 1 and --workers >= 0")
+    if not 0.0 <= args.temporal_filter < 1.0:
+        raise OccDistillError(f"--temporal-filter must be in [0, 1), got {args.temporal_filter}")
     trained = load_trained_model(args.checkpoint, args.weights)
     ckpt, model, use_ema = trained.checkpoint, trained.model, trained.ema
     cfg = ckpt.config
@@ -55,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
                          depth_input=takes_depth_input(model))
     device = resolve_device(args.device, DistContext())
     report = evaluate(model.to(device), dataset, device, batch_size=args.batch_size, workers=args.workers,
-                      rayiou=not args.no_rayiou, amp=cfg.runtime.amp, save_pred=args.save_pred, progress=True)
-    report = {"checkpoint": str(ckpt.path), "step": ckpt.step, "weights": "ema" if use_ema else "model", **report}
+                      rayiou=not args.no_rayiou, amp=cfg.runtime.amp, save_pred=args.save_pred, progress=True,
+                      temporal_filter=args.temporal_filter)
+    report = {"checkpoint": str(ckpt.path), "step": ckpt.step, "weights": "ema" if use_ema else "model",
+              "temporal_filter": args.temporal_filter, **report}
     print(format_table(report))
     if args.json is not None:
         atomic_write_json(args.json, report)

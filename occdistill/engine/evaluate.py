@@ -7,6 +7,10 @@ Each process evaluates its shard of whole scenes in time order
 report is computed, so every rank returns the same report. On Occ3D-layout data the report also holds ``flicker``: the percentage of static
 camera-visible voxels whose predicted label changes between consecutive frames
 (:mod:`occdistill.metrics.flicker`), and ``flicker_occupied`` over static occupied voxels.
+
+``temporal_filter`` w > 0 (Occ3D, dense or Gaussian models) scores the labels of the streaming
+voxel filter (:mod:`occdistill.nn.voxel_filter`) instead of each frame's own argmax: every
+process filters its scenes frame by frame in time order, as a robot would.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from occdistill.data.build import Dataset
 from occdistill.data.occ3d import Occ3DDataset
 from occdistill.engine.data import eval_loader
 from occdistill.engine.distributed import DistContext, metric_device
-from occdistill.engine.tasks import predict_labels, temporal_frames
+from occdistill.engine.tasks import predict_labels, predict_scores, temporal_frames
+from occdistill.errors import ConfigError
 from occdistill.io import atomic_save_npz
+from occdistill.nn.voxel_filter import VoxelScoreFilter
 from occdistill.metrics import (
     FlickerAccumulator,
     Occ3DAccumulator,
@@ -50,13 +56,20 @@ def evaluate(
     amp: str = "off",
     save_pred: Path | None = None,
     progress: bool = False,
+    temporal_filter: float = 0.0,
 ) -> dict[str, Any]:
     """The metrics report (``occ3d_report`` / ``occscannet_report`` layout, values in percent).
 
     ``save_pred``: also write ``<save_pred>/<token>.npz`` with ``semantics`` (uint8, X, Y, Z), the
     layout ``occdistill score`` reads (Occ-ScanNet tokens are ``<scene>/<frame>``).
+    ``temporal_filter``: the history weight w of the streaming voxel filter (0 = per-frame argmax).
     """
     occ3d = isinstance(dataset, Occ3DDataset)
+    voxel_filter = None
+    if temporal_filter:
+        if not occ3d:
+            raise ConfigError("the temporal filter needs ego poses and scene order: Occ3D-layout data only")
+        voxel_filter = VoxelScoreFilter(grid=dataset.grid, weight=temporal_filter)
     classes, counts_on = dataset.classes, metric_device(ctx, device)
     if occ3d:
         voxel_acc = Occ3DAccumulator(classes=classes, device=counts_on)
@@ -69,8 +82,15 @@ def evaluate(
     loader = eval_loader(dataset, ctx, batch_size, workers, temporal_frames(model))
     for item in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not (progress and ctx.is_main),
                      dynamic_ncols=True, leave=False):
-        pred = predict_labels(model, item.to(device), amp).cpu()  # (B, X, Y, Z) uint8
+        item = item.to(device)
         batch = item.batch
+        if voxel_filter is None:
+            pred = predict_labels(model, item, amp).cpu()  # (B, X, Y, Z) uint8
+        else:
+            # A batch is consecutive frames of the shard's scene order: filter them one by one.
+            scores = predict_scores(model, item, amp)  # (B, X, Y, Z, K)
+            pred = torch.stack([voxel_filter.step(s, pose, scene).argmax(dim=-1) for s, pose, scene
+                                in zip(scores, batch.global_from_ego, batch.scene_names)]).to(torch.uint8).cpu()
         if occ3d:
             voxel_acc.update(pred, batch.semantics, batch.mask_camera)
             flicker_acc.update(pred, batch.semantics, batch.mask_camera, batch.global_from_ego, batch.scene_names)

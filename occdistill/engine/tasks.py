@@ -234,15 +234,26 @@ def dense_forward(model: DenseStudent, batch: Batch, previous: tuple[Batch, ...]
 def predict_labels(model: nn.Module, item: TrainItem, amp: str = "off") -> torch.Tensor:
     """Class ids (B, X, Y, Z) uint8 (the ``score`` file format) of an item on the model's device:
     the arg-max of the voxel logits, or the sparse model's voxelisation of its final points."""
+    if isinstance(model, SparseOccStudent):
+        with autocast(item.batch.images.device, amp):
+            out = forward_batch(model, item.batch, prior_depth(model, item.batch))
+        return model.voxelize(out).to(torch.uint8)
+    return predict_scores(model, item, amp).argmax(dim=-1).to(torch.uint8)
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, item: TrainItem, amp: str = "off") -> torch.Tensor:
+    """Voxel logits (B, X, Y, Z, K) of a dense student, or log-probabilities of a Gaussian teacher
+    (both: argmax = the labels, softmax = the probabilities). A sparse model has no dense scores."""
+    if isinstance(model, SparseOccStudent):
+        raise ConfigError("a sparse-query model has no dense voxel scores (its labels come from voxelising points)")
     batch = item.batch
     with autocast(batch.images.device, amp):
         if isinstance(model, DenseStudent):
             out = dense_forward(model, batch, item.previous)
         else:
             out = forward_batch(model, batch, prior_depth(model, batch))
-    if isinstance(model, SparseOccStudent):
-        return model.voxelize(out).to(torch.uint8)
-    return out.voxel_logits.argmax(dim=-1).to(torch.uint8)
+    return out.voxel_logits
 
 
 def load_teacher(distill: DistillConfig, student: nn.Module) -> nn.Module | None:

@@ -1,8 +1,10 @@
 """``occdistill bench`` for the sparse student and the Gaussian teacher: the staged forward equals
 ``forward`` exactly, the benchmark's numbers are complete and consistent (stages of the kind,
 engine-only and end-to-end), the CLI runs a sparse/gaussian training config and a sparse
-checkpoint on Occ-ScanNet-layout (synthetic room) data, and what bench cannot profile is a clear
-error. No assertion is on speed: the machine is shared."""
+checkpoint on Occ-ScanNet-layout (synthetic room) data, the sparse depth-prior model is profiled
+with its prior depth map as an input (the dataset's depth maps or a synthetic map; the depth
+branch is its own stage), and what bench cannot profile is a clear error. No assertion is on
+speed: the machine is shared."""
 
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ from occdistill.config import to_dict
 from occdistill.data.synth import generate
 from occdistill.deploy.bench import (
     KIND_STAGES,
+    SPARSE_PRIOR_STAGES,
     StageClock,
     benchmark,
+    count_stage_flops,
     dataset_inputs,
     format_table,
     model_kind,
+    model_stages,
     occscannet_rig,
     open_bench_dataset,
     output_labels,
@@ -69,10 +74,11 @@ def build(kind: str) -> torch.nn.Module:
     """A random model whose labels are not all free (else comparing labels would prove little):
     the sparse student's last layer starts at class probability 0.5 instead of the focal prior 0.01
     and keeps points up to OPUS's 3 m from their query centre; the teacher's last refinement makes
-    large opaque Gaussians."""
+    large opaque Gaussians. ``prior``: the sparse student with the depth-prior branch."""
     torch.manual_seed(0)
-    if kind == "sparse":
-        model = SparseOccStudent(sparse_config(score_threshold=0.3, centre_distance_threshold=3.0)).eval()
+    if kind in ("sparse", "prior"):
+        model = SparseOccStudent(sparse_config(score_threshold=0.3, centre_distance_threshold=3.0,
+                                               depth_prior=kind == "prior")).eval()
         with torch.no_grad():
             model.decoder[-1].cls_branch[-1].bias.zero_()
         return model
@@ -94,7 +100,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
-    return {kind: build(kind) for kind in ("sparse", "gaussian")}
+    return {kind: build(kind) for kind in ("sparse", "gaussian", "prior")}
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +246,73 @@ def test_cli_benchmarks_a_sparse_checkpoint_on_room_data(room_checkpoint, room, 
     assert 0 < report["data_pipeline_ms_per_sample"] < report["end_to_end_median_ms"]
 
 
+def test_staged_forward_of_the_depth_prior_model_equals_forward_and_times_the_branch(models):
+    model = models["prior"]
+    inputs = synthetic_inputs(model, batch=2)
+    assert inputs.prior_depth.shape == (2, 6, 32, 64) and inputs.prior_depth.min() >= 0.5
+    assert "synthetic prior depth map" in inputs.prior_source
+    with torch.no_grad():
+        ref = model(*inputs.args(), prior_depth=inputs.prior_depth)
+        clock = StageClock(torch.device("cpu"))
+        staged = profiled_forward(model, *inputs.args(), clock=clock, prior_depth=inputs.prior_depth)
+        no_prior = model(*inputs.args(), prior_depth=torch.zeros_like(inputs.prior_depth))
+    assert_same(staged.output, ref)
+    assert torch.equal(staged.labels, model.voxelize(ref).to(torch.uint8))
+    # The prior depth map is read: another map gives other points.
+    assert not torch.equal(no_prior.final.points, ref.final.points)
+    assert tuple(clock.seconds) == SPARSE_PRIOR_STAGES == model_stages(model)
+    assert clock.seconds["depth_prior"] > 0 and clock.seconds["decoder"] > 0
+    # The branch's FLOPs are the depth_prior stage's, not the decoder's. Per layer, sample and query:
+    # the projection of its R_prev points into N cameras (3x4 each) and the MLP 3 R_prev -> C/2 -> C -> C;
+    # R_prev = 1 in both layers (1, 2 points per query); 2 FLOPs per multiply-add.
+    flops = count_stage_flops(model, inputs)
+    b, n, c, q = 2, 6, model.cfg.embed_dims, model.cfg.num_queries
+    macs = sum(b * q * (n * r * 3 * 4 + 3 * r * c // 2 + c // 2 * c + c * c) for r in (1, 1))
+    assert flops["depth_prior"] == 2 * macs
+
+
+def test_benchmark_of_the_depth_prior_model_reads_the_datasets_depth_maps(models, street):
+    model = models["prior"]
+    ds = open_bench_dataset("occ3d", street.out, street.splits["val"], model.cfg.image_size, depth="rendered")
+    inputs = dataset_inputs(ds, prior_depth=True)
+    assert inputs.prior_depth.shape == (1, 2, 32, 64) and (inputs.prior_depth > 0).any()
+    result = benchmark(model, inputs, dataset=ds, model_name="prior", repeats=2, warmup=1)
+    d = result.to_dict()
+    assert [s["name"] for s in d["stages"]] == list(SPARSE_PRIOR_STAGES) and d["kind"] == "sparse"
+    assert sum(s["gflops"] for s in d["stages"]) == pytest.approx(d["gflops"], abs=5e-3)
+    assert d["end_to_end_median_ms"] > 0 and any("depth maps of the dataset samples" in n for n in d["notes"])
+    assert "depth_prior" in format_table(result)
+    no_depth = open_bench_dataset("occ3d", street.out, street.splits["val"], model.cfg.image_size)
+    with pytest.raises(OccDistillError, match="loads no depth maps"):
+        dataset_inputs(no_depth, prior_depth=True)
+    with pytest.raises(OccDistillError, match="loads no depth maps"):
+        benchmark(model, inputs, dataset=no_depth, repeats=1, warmup=0)
+
+
+def test_cli_benchmarks_a_depth_prior_config_with_and_without_data(street, tmp_path):
+    path = tmp_path / "prior.yaml"
+    path.write_text(yaml.safe_dump({"data": {"format": "occ3d", "depth": "rendered"},
+                                    "model": {"kind": "sparse", "sparse": to_dict(sparse_config(depth_prior=True))}}))
+    common = ["--repeats", "1", "--warmup", "0", "--quiet", "--no-memory", "--threads", "1"]
+    for data in ([], ["--data", str(street.out), "--infos", str(street.splits["val"])]):
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--config", str(path), "--json", str(out), *data, *common]) == 0
+        report = json.loads(out.read_text())
+        assert [s["name"] for s in report["stages"]] == list(SPARSE_PRIOR_STAGES)
+        source = "depth maps of the dataset samples" if data else "synthetic prior depth map"
+        assert any(source in note for note in report["notes"]), report["notes"]
+        assert report["cameras"] == (2 if data else 6)
+
+
 def test_what_bench_cannot_profile_is_a_clear_error(tmp_path, capsys):
     prior = SparseOccStudent(sparse_config(depth_prior=True)).eval()
-    with pytest.raises(OccDistillError, match="depth-prior branch"):
-        benchmark(prior, synthetic_inputs(prior), repeats=1, warmup=0)
+    inputs = synthetic_inputs(prior)
+    with pytest.raises(OccDistillError, match="depth-prior branch .*give it a prior depth map"):
+        benchmark(prior, dataclasses.replace(inputs, prior_depth=None), repeats=1, warmup=0)
+    plain = build("sparse")
+    with pytest.raises(OccDistillError, match="a prior depth map was given, but this SparseOccStudent reads none"):
+        benchmark(plain, dataclasses.replace(synthetic_inputs(plain), prior_depth=inputs.prior_depth), repeats=1,
+                  warmup=0)
     with pytest.raises(OccDistillError, match="bench profiles dense, sparse, gaussian models; got a Linear$"):
         model_kind(torch.nn.Linear(2, 2))
     sparse = build("sparse")

@@ -16,6 +16,7 @@ pytest.importorskip("onnxscript", reason="onnxscript (torch's dynamo ONNX export
 
 from occdistill.cli.main import main  # noqa: E402
 from occdistill.data.augment import ImageAugConfig  # noqa: E402
+from occdistill.data.occ3d import Occ3DDataset  # noqa: E402
 from occdistill.deploy.export import (  # noqa: E402
     ExportSoftplus,
     FramePreprocessor,
@@ -339,3 +340,63 @@ def test_cli_side_by_side_bench(checkpoint, street, tmp_path, capsys, monkeypatc
     assert rows["ort-fp32@1"]["label_agreement_vs_eager"] >= 0.999
     assert report["baseline"] == "eager@1" and report["matmul"]["gflops"] > 0 and report["flops"] > 0
     assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def prior_checkpoint(street, tmp_path_factory):
+    """A sparse student with the depth-prior branch (random weights, confident classes so that the
+    voxelisation has points to scatter) saved as a checkpoint whose config reads the street's
+    rendered depth maps (data.depth), as a trained depth-prior student's does."""
+    from occdistill.engine.checkpoint import save_checkpoint
+    from occdistill.engine.config import DataConfig, TrainConfig
+    from occdistill.models.build import ModelConfig
+    from occdistill.models.sparse import SparseGridConfig, SparseOccStudent, tiny_sparse_config
+
+    # >= 26 queries: torch.cdist of fewer points has no ONNX translation (see test_sparse_student_exports...)
+    cfg = tiny_sparse_config(image_size=IMAGE_SIZE, num_queries=32, points_per_layer=(1, 2), depth_prior=True,
+                             num_classes=18, free_index=17, centre_distance_threshold=3.0,
+                             grid=SparseGridConfig(range=(-20.0, -20.0, -1.0, 20.0, 20.0, 5.4),
+                                                   voxel_size=(0.4, 0.4, 0.4)))
+    torch.manual_seed(0)
+    sparse = SparseOccStudent(cfg).eval()
+    with torch.no_grad():
+        for layer in sparse.decoder:
+            layer.cls_branch[-1].bias.uniform_(-1.0, 3.0)
+    data = DataConfig(format="occ3d", root=str(street.out), train_split=str(street.splits["train"]),
+                      val_split=str(street.splits["val"]), image_aug=AUG, depth="rendered")
+    run = tmp_path_factory.mktemp("prior_run")
+    save_checkpoint(run / "checkpoints", 1, model=sparse, ema=None, config=TrainConfig(
+        data=data, model=ModelConfig(kind="sparse", sparse=cfg)), state={})
+    return run
+
+
+def test_cli_exports_the_depth_prior_model_with_the_prior_as_a_second_input(prior_checkpoint, splits, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "prior"
+    assert main(["export", "--checkpoint", str(prior_checkpoint), "--out", str(out), "--precision", "fp32",
+                 "--parity-frames", "2", "--threads", "1"]) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert report["parity"]["fp32"]["ok"] and report["parity"]["fp32"]["argmax_agreement"] >= 0.999
+    assert "train frames" in report["parity_inputs"] and report["parity_rig_frames"]["kept"] >= 1
+    assert [(i["name"], i["shape"], i["dtype"]) for i in report["export"]["inputs"]] == [
+        ("images", [1, 6, *IMAGE_SIZE, 3], "uint8"), ("prior_depth", [1, 6, *IMAGE_SIZE], "float32")]
+    sidecar = json.loads(sidecar_path(out / "model.onnx").read_text())
+    assert sidecar["extra_inputs"][0]["name"] == "prior_depth" and sidecar["extra_inputs"][0]["shape"] == [
+        1, 6, *IMAGE_SIZE] and "metres" in sidecar["extra_inputs"][0]["meaning"]
+    assert "prior_depth [1, 6, 64, 96] float32" in capsys.readouterr().out
+    # The prior is live in the graph (a frame's rendered depth and an empty map give other points),
+    # and the runtime asks for it by name.
+    m = OnnxOccModel(out / "model.onnx")
+    assert m.prior_depth_shape == (1, 6, *IMAGE_SIZE)
+    x = m.prepare(splits["train"][0].images[None])
+    depth = Occ3DDataset(splits["train"].data_root, splits["train"].infos, image_aug=AUG, depth="rendered")[0].depth
+    with_prior = m.run(x, prior_depth=depth[None].numpy())["logits"]
+    assert not np.array_equal(with_prior, m.run(x, prior_depth=np.zeros((1, 6, *IMAGE_SIZE), np.float32))["logits"])
+    with pytest.raises(OccDistillError, match=r"takes a prior depth map \(1, 6, 64, 96\) \(prior_depth, metres\)"):
+        m.run(x)
+    # The reduced-precision variants are the dense student's: refused in one line before any export.
+    rc = main(["export", "--checkpoint", str(prior_checkpoint), "--out", str(tmp_path / "int8"), "--precision",
+               "fp32,int8"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "export a SparseOccStudent with --precision fp32" in err
+    assert not (tmp_path / "int8").exists()

@@ -10,7 +10,10 @@ FLOPs and peak memory. The stages are the kind's:
 
 - dense: backbone, neck, depth_net, pooling, bev_encoder, head, argmax; timed on both BEV pooling
   paths (training scatter and the exportable precomputed plan; ``--no-export-path``: the first);
-- sparse: backbone, neck, decoder (all layers), voxelize (final points -> voxel labels);
+- sparse: backbone, neck, decoder (all layers), voxelize (final points -> voxel labels); a model
+  with the depth-prior branch (``model.sparse.depth_prior``) also depth_prior (the branch in every
+  layer), and its prior depth map is an input: the dataset's depth maps with ``--data`` (the
+  training config's ``data.depth``, else auto), else a random map of the right shape;
 - gaussian: backbone, neck, lift (depth distribution, initial Gaussians), refine (all blocks),
   splat (Gaussians -> voxel probabilities), argmax.
 
@@ -51,6 +54,8 @@ stages per model kind (model.kind of the config or checkpoint):
   dense     backbone, neck, depth_net, pooling, bev_encoder, head, argmax
             (timed on the train and export pooling paths)
   sparse    backbone, neck, decoder (all layers), voxelize
+            (a depth-prior model: backbone, neck, decoder, depth_prior, voxelize; the prior depth map
+            comes from --data's depth maps, else a random map)
   gaussian  backbone, neck, lift (depth distribution, initial Gaussians), refine (all blocks), splat, argmax
 
 examples:
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         open_bench_dataset,
         synthetic_inputs,
         synthetic_rig,
+        takes_prior_depth,
     )
     from occdistill.errors import OccDistillError
     from occdistill.io import atomic_write_json
@@ -144,8 +150,12 @@ def run(args: argparse.Namespace) -> int:
     dataset = None
     if args.data:
         cameras = loaded.data.cameras if loaded.data is not None else ()
-        dataset = open_bench_dataset(fmt, args.data, args.infos, model.cfg.image_size, cameras)
-        inputs = dataset_inputs(dataset, args.batch, device)
+        prior = takes_prior_depth(model)
+        # The depth-prior model reads the depth maps its training read (data.depth); a bare config: auto.
+        configured = loaded.data.depth if loaded.data is not None else "none"
+        depth = (configured if configured != "none" else "auto") if prior else "none"
+        dataset = open_bench_dataset(fmt, args.data, args.infos, model.cfg.image_size, cameras, depth=depth)
+        inputs = dataset_inputs(dataset, args.batch, device, prior_depth=prior)
     else:
         inputs = synthetic_inputs(model, args.batch, rig=synthetic_rig(fmt, model.cfg.image_size), device=device)
     result = benchmark(

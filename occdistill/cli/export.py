@@ -15,6 +15,13 @@ nuScenes 6-camera rig) and stored as constants. The rig hash, camera names/order
 are in the ONNX metadata and the sidecar; the runtime refuses frames whose calibration moves the
 frustum by more than ``--rig-tolerance`` metres (default half a BEV cell). Re-export for another robot.
 
+A sparse student with the depth-prior branch (``model.sparse.depth_prior``) exports with a second
+graph input, ``prior_depth`` (B, N, H, W) metres (shape and meaning in the sidecar's
+``extra_inputs``); its parity check feeds the evaluation frames' depth maps (the config's
+``data.depth``), or random maps with random images. The FP16 and INT8 variants are made for the
+dense student (its BEV pooling stays float32; INT8 calibration feeds images alone): export sparse
+students with ``--precision fp32``.
+
 A dataset may hold several rigs (nuScenes logs, the synthetic street's per-scene camera mounts,
 ``rig.mount_jitter_deg``): the parity check and the ``--eval`` mIoU use only the frames whose
 calibration passes that check (the evaluation split's, else the rig frame's own scene) and say how
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_int8,
     )
     from occdistill.deploy.rig import nuscenes_rig
+    from occdistill.engine.tasks import takes_depth_input
     from occdistill.errors import OccDistillError
     from occdistill.io import atomic_write_json
     from occdistill.models.dense import DenseStudent
@@ -149,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model.eval()
     if args.eval and not isinstance(model, DenseStudent):
         raise OccDistillError(f"--eval: evaluation of an exported {type(model).__name__} is not supported")
+    prior = takes_depth_input(model)  # the graph's second input: the prior depth map
+    reduced = [p for p in precisions if p != "fp32"]
+    if reduced and not isinstance(model, DenseStudent):
+        raise OccDistillError(f"--precision {','.join(reduced)}: the reduced-precision variants are made for the dense "
+                              "student (its BEV pooling kept float32; INT8 calibration feeds images only); export a "
+                              f"{type(model).__name__} with --precision fp32")
 
     # datasets (training frames: rig + calibration; evaluation frames: parity + mIoU)
     splits = {}
@@ -166,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             stored = override or (data_cfg.train_split if split == "train" else data_cfg.val_split)
             if stored:
                 splits[split] = open_split(data_cfg, split, augment=False, grid=model.grid, root=args.data,
-                                           split_path=override)
+                                           split_path=override, depth_input=prior)
     if args.rig == "dataset":
         if args.rig_split not in splits:
             raise OccDistillError(f"--rig dataset: no {args.rig_split} split (give --checkpoint/--config with a data "
@@ -215,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     ort32 = OnnxOccModel(info.path, threads=args.threads, rig_tolerance_m=tolerance)
     print(_banner(rig_to_dict(rig, model.cfg.image_size), info.rig_hash, tolerance))
     print(f"exported {info.path} ({info.size_bytes / 2**20:.1f} MB, {info.exporter} exporter, opset {info.opset}, "
-          f"{info.seconds:.1f} s): input {info.inputs[0].name} {list(info.inputs[0].shape)} {info.inputs[0].dtype}; "
+          f"{info.seconds:.1f} s): input{'s' if len(info.inputs) > 1 else ''} "
+          + ", ".join(f"{i.name} {list(i.shape)} {i.dtype}" for i in info.inputs) + "; "
           + ", ".join(f"{o.name} {list(o.shape)} {o.dtype}" for o in info.outputs))
 
     # parity inputs: frames of the rig (each checked again by the runtime), else random images
@@ -231,15 +246,20 @@ def run(args: argparse.Namespace) -> int:
             s = eval_set[i]
             ort32.check_rig(s.intrinsics, s.img_from_raw, s.ego_from_cam, s.camera_names)
             x = ort32.prepare(s.images[None])
-            inputs.append(x.repeat(args.batch, axis=0) if args.batch > 1 else x)
+            x = x.repeat(args.batch, axis=0) if args.batch > 1 else x
+            if prior:  # the frame's depth map (N, H, W) metres, in the same network-input pixels
+                inputs.append((x, s.depth[None].numpy().repeat(args.batch, axis=0)))
+            else:
+                inputs.append(x)
         parity_source = (f"{len(inputs)} {parity_split} frames of {eval_set.data_root} sharing the rig "
                          f"({len(parity_frames.skipped)} of {parity_frames.checked} checked skipped)")
     else:
         from occdistill.deploy.export import ExportWrapper
 
         wrapper = ExportWrapper(model, rig, batch=args.batch, input_format=args.input)
-        inputs = [wrapper.example_input(seed).cpu().numpy() for seed in range(args.parity_frames)]
-        parity_source = f"{len(inputs)} random images ({'no frame of the rig' if splits else 'no dataset'})"
+        inputs = [tuple(t.cpu().numpy() for t in wrapper.example_inputs(seed)) for seed in range(args.parity_frames)]
+        parity_source = (f"{len(inputs)} random images{' and prior depth maps' if prior else ''} "
+                         f"({'no frame of the rig' if splits else 'no dataset'})")
 
     files = {"fp32": info.path}
     variants = {"fp32": {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}}

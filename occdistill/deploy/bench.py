@@ -20,7 +20,11 @@ data pipeline were fixed costs. This module measures where the time goes, for ev
     head (C2H), argmax (to uint8 class ids);
   - sparse (:data:`SPARSE_STAGES`): backbone (with input normalisation), neck (multi-level FPN),
     decoder (camera projection matrices, initial points, every decoder layer), voxelize
-    (``SparseOccStudent.voxelize`` of the final points, to uint8 class ids);
+    (``SparseOccStudent.voxelize`` of the final points, to uint8 class ids); a model with the
+    DiScene† depth branch (``cfg.depth_prior``, :data:`SPARSE_PRIOR_STAGES`) also depth_prior: the
+    branch's calls in every decoder layer (projection of the layer's input points, lookup of the
+    prior depth map, MLP), timed apart from the rest of the decoder. Its prior depth map is an
+    input (:attr:`EngineInputs.prior_depth`): the dataset's depth maps, or a synthetic map;
   - gaussian (:data:`GAUSSIAN_STAGES`): backbone, neck, lift (``DistributionLifter``: depth net
     and rays, depth softmax, selection of the initial means, context gather, the initial Gaussians
     with the learnable anchors), refine (projection matrices, every refinement block with its
@@ -63,6 +67,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 import torch
 
+from occdistill.deploy.export import synthetic_prior_depth
 from occdistill.deploy.rig import Rig, eval_image_transform, nuscenes_rig
 from occdistill.errors import OccDistillError
 from occdistill.geometry import yaw_transform
@@ -75,6 +80,7 @@ from occdistill.nn.view_transform import camera_parameters
 
 STAGES = ("backbone", "neck", "depth_net", "pooling", "bev_encoder", "head", "argmax")  # dense student
 SPARSE_STAGES = ("backbone", "neck", "decoder", "voxelize")
+SPARSE_PRIOR_STAGES = ("backbone", "neck", "decoder", "depth_prior", "voxelize")  # sparse with cfg.depth_prior
 GAUSSIAN_STAGES = ("backbone", "neck", "lift", "refine", "splat", "argmax")
 KIND_STAGES = {"dense": STAGES, "sparse": SPARSE_STAGES, "gaussian": GAUSSIAN_STAGES}
 PATHS = ("train", "export")  # dense: pooling on the batch geometry (scatter) / precomputed fixed-rig plan
@@ -196,7 +202,9 @@ class BenchResult:
 @dataclass
 class EngineInputs:
     """A batch on the device: images (B, N, 3, H, W) in [0, 1]; intrinsics, img_from_raw
-    (B, N, 3, 3); ego_from_cam (B, N, 4, 4) (``Batch.ego_from_cam``, BEV augmentation included)."""
+    (B, N, 3, 3); ego_from_cam (B, N, 4, 4) (``Batch.ego_from_cam``, BEV augmentation included);
+    prior_depth (B, N, H, W) metres, 0 = none, for a model that reads a prior depth map (the sparse
+    student's depth branch), else None; ``prior_source`` says where it came from."""
 
     images: torch.Tensor
     intrinsics: torch.Tensor
@@ -204,6 +212,8 @@ class EngineInputs:
     ego_from_cam: torch.Tensor
     source: str
     rig: str
+    prior_depth: torch.Tensor | None = None
+    prior_source: str = ""
 
     def args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.images, self.intrinsics, self.img_from_raw, self.ego_from_cam
@@ -244,11 +254,13 @@ class StageClock:
         self._t = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        """End the current stage; a stage lapped several times (the sparse depth branch, once per
+        decoder layer, interleaved with the decoder) accumulates its time and FLOPs."""
         sync(self.device)
         t = time.perf_counter()
-        self.seconds[name] = t - self._t
+        self.seconds[name] = self.seconds.get(name, 0.0) + t - self._t
         f = self._flops()
-        self.flops[name] = f - self._f
+        self.flops[name] = self.flops.get(name, 0) + f - self._f
         self._t, self._f = t, f
 
     @property
@@ -260,16 +272,22 @@ Lap = Callable[[str], None]  # marks the end of the named stage
 
 
 def model_kind(model: torch.nn.Module) -> str:
-    """The kind (dense, sparse, gaussian) of a model bench can profile; an error for anything else
-    (the sparse student's depth-prior branch needs a prior depth map per frame, which neither bench
-    nor the training engine feeds)."""
+    """The kind (dense, sparse, gaussian) of a model bench can profile; an error for anything else."""
     kind = next((k for k, (_, cls) in MODEL_KINDS.items() if isinstance(model, cls)), None)
     if kind not in _STAGED_FORWARDS:  # also a kind added to MODEL_KINDS without its staged forward here
         raise OccDistillError(f"bench profiles {', '.join(_STAGED_FORWARDS)} models; got a {type(model).__name__}")
-    if kind == "sparse" and model.cfg.depth_prior:
-        raise OccDistillError("bench does not profile the sparse depth-prior branch (cfg.depth_prior): it needs a "
-                              "prior depth map per frame; benchmark a model without it")
     return kind
+
+
+def takes_prior_depth(model: torch.nn.Module) -> bool:
+    """The model reads a prior depth map per camera: the sparse student's DiScene† depth branch."""
+    return isinstance(model, SparseOccStudent) and model.cfg.depth_prior
+
+
+def model_stages(model: BenchableModel) -> tuple[str, ...]:
+    """The stages of the model's profile, in order: its kind's (:data:`KIND_STAGES`), with
+    depth_prior for a sparse model with the depth branch."""
+    return SPARSE_PRIOR_STAGES if takes_prior_depth(model) else KIND_STAGES[model_kind(model)]
 
 
 def predict_labels(voxel_logits: torch.Tensor) -> torch.Tensor:
@@ -285,10 +303,20 @@ def output_labels(model: BenchableModel, output: DenseOutput | SparseOutput | Ga
     return predict_labels(output.voxel_logits)
 
 
-def forward_labels(model: BenchableModel, *cams: torch.Tensor) -> torch.Tensor:
-    """``model(images, intrinsics, img_from_raw, ego_from_cam)`` -> uint8 labels, unstaged (no
-    synchronisation between stages: the CUDA latency, end-to-end and memory samples)."""
-    return output_labels(model, model(*cams))
+def forward_labels(model: BenchableModel, *cams: torch.Tensor, prior_depth: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(images, intrinsics, img_from_raw, ego_from_cam)`` (+ ``prior_depth`` for a model
+    that reads one) -> uint8 labels, unstaged (no synchronisation between stages: the CUDA latency,
+    end-to-end and memory samples)."""
+    _check_prior(model, prior_depth)
+    return output_labels(model, model(*cams) if prior_depth is None else model(*cams, prior_depth=prior_depth))
+
+
+def _check_prior(model: BenchableModel, prior_depth: torch.Tensor | None) -> None:
+    if takes_prior_depth(model) and prior_depth is None:
+        raise OccDistillError("the model has the depth-prior branch (model.sparse.depth_prior): give it a prior "
+                              "depth map (B, N, H, W) metres (EngineInputs.prior_depth)")
+    if prior_depth is not None and not takes_prior_depth(model):
+        raise OccDistillError(f"a prior depth map was given, but this {type(model).__name__} reads none")
 
 
 def profiled_forward(
@@ -298,17 +326,22 @@ def profiled_forward(
     img_from_raw: torch.Tensor,
     ego_from_cam: torch.Tensor,
     clock: StageClock | None = None,
+    prior_depth: torch.Tensor | None = None,
 ) -> StagedOutput:
     """The model's ``forward`` + labels, sub-module by sub-module, with a lap of ``clock`` after
-    every stage of the model's kind (:data:`KIND_STAGES`). Must stay numerically identical to
-    ``forward`` and :func:`output_labels` (tested for every kind)."""
-    staged = _STAGED_FORWARDS[model_kind(model)]
+    every stage of the model (:func:`model_stages`). Must stay numerically identical to ``forward``
+    and :func:`output_labels` (tested for every kind). ``prior_depth`` (B, N, H, W) metres: the
+    input of a sparse model with the depth branch (required there, refused elsewhere)."""
+    kind = model_kind(model)
     if tuple(images.shape[-2:]) != tuple(model.cfg.image_size):
         raise OccDistillError(f"images are {tuple(images.shape[-2:])}, the model expects {model.cfg.image_size}")
+    _check_prior(model, prior_depth)
     lap = clock.lap if clock is not None else (lambda name: None)
     if clock is not None:
         clock.start()
-    return staged(model, images, intrinsics, img_from_raw, ego_from_cam, lap)
+    if kind == "sparse":
+        return _sparse_stages(model, images, intrinsics, img_from_raw, ego_from_cam, lap, prior_depth)
+    return _STAGED_FORWARDS[kind](model, images, intrinsics, img_from_raw, ego_from_cam, lap)
 
 
 def _dense_stages(model: DenseStudent, images: torch.Tensor, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
@@ -362,13 +395,25 @@ def _multilevel_features(model: SparseOccStudent | GaussianTeacher, images: torc
 
 
 def _sparse_stages(model: SparseOccStudent, images: torch.Tensor, intrinsics: torch.Tensor,
-                   img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap) -> StagedOutput:
-    """``SparseOccStudent.forward`` without extra query groups or depth prior, then ``voxelize``."""
+                   img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor, lap: Lap,
+                   prior_depth: torch.Tensor | None) -> StagedOutput:
+    """``SparseOccStudent.forward`` without extra query groups, then ``voxelize``. With the depth
+    branch, hooks on each layer's ``depth_prior`` module lap "decoder" when the branch starts and
+    "depth_prior" when it ends, so ``decode`` itself runs unchanged and the two stages interleave."""
     batch = images.shape[0]
     feats = _multilevel_features(model, images, lap)
     proj = model.img_from_ego(intrinsics, img_from_raw, ego_from_cam)  # (B, N, 3, 4)
     init = model.initial_points(batch)  # (B, Q, 3) metres
-    layers = model.decode(init, feats, proj, None)
+    hooks = []
+    if prior_depth is not None:
+        for layer in model.decoder:
+            hooks.append(layer.depth_prior.register_forward_pre_hook(lambda *_: lap("decoder")))
+            hooks.append(layer.depth_prior.register_forward_hook(lambda *_: lap("depth_prior")))
+    try:
+        layers = model.decode(init, feats, proj, prior_depth)
+    finally:
+        for hook in hooks:
+            hook.remove()
     lap("decoder")
     out = SparseOutput(init_points=init, layers=layers, image_features=feats, extra={}, grid=model.grid,
                        classes=model.classes)
@@ -431,7 +476,7 @@ def count_stage_flops(model: BenchableModel, inputs: EngineInputs) -> dict[str, 
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         clock = StageClock(inputs.images.device, counter)
-        profiled_forward(model, *inputs.args(), clock=clock)
+        profiled_forward(model, *inputs.args(), clock=clock, prior_depth=inputs.prior_depth)
     return clock.flops
 
 
@@ -541,13 +586,20 @@ def synthetic_inputs(
     model: BenchableModel, batch: int = 1, rig: Rig | None = None, device: str | torch.device = "cpu", seed: int = 0
 ) -> EngineInputs:
     """Random images at the model's input size on a camera rig (default: the nuScenes rig of
-    :func:`nuscenes_rig`, real calibration when available)."""
+    :func:`nuscenes_rig`, real calibration when available); for a model with the depth branch
+    also a random prior depth map
+    (:func:`occdistill.deploy.export.synthetic_prior_depth`)."""
     rig = rig if rig is not None else nuscenes_rig(model.cfg.image_size)
     gen = torch.Generator().manual_seed(seed)
     cams = rig.intrinsics.shape[0]
     images = torch.rand(batch, cams, 3, *model.cfg.image_size, generator=gen)
     k, aug, pose = rig.batched(batch, device)
-    return EngineInputs(images.to(device), k, aug, pose, source="synthetic random images", rig=rig.source)
+    prior, prior_source = None, ""
+    if takes_prior_depth(model):
+        prior, prior_source = synthetic_prior_depth(model.cfg.grid.range, (batch, cams, *model.cfg.image_size), gen,
+                                                    device)
+    return EngineInputs(images.to(device), k, aug, pose, source="synthetic random images", rig=rig.source,
+                        prior_depth=prior, prior_source=prior_source)
 
 
 def _data_file(root: Path, name: str | Path, what: str) -> Path:
@@ -564,7 +616,7 @@ def _data_file(root: Path, name: str | Path, what: str) -> Path:
 
 def open_bench_dataset(
     fmt: str, data_root: str | Path, infos: str | Path | None, image_size: tuple[int, int],
-    cameras: Sequence[str] = (), image_aug: Any = None,
+    cameras: Sequence[str] = (), image_aug: Any = None, depth: str = "none",
 ):
     """An evaluation-mode dataset (no labels: deployment does not read them) whose images are
     resized/cropped to the network input ``image_size``.
@@ -573,7 +625,10 @@ def open_bench_dataset(
     (empty: the order of the infos). "occscannet" (``occdistill synth --preset room`` writes it):
     ``infos`` is an optional split list of frame pickles (e.g. ``val_subscenes.txt``; None: every
     frame under the root), one camera. ``image_aug``: the training config's ImageAugConfig (its
-    evaluation transform is used), default a bottom-aligned cover resize to ``image_size``."""
+    evaluation transform is used), default a bottom-aligned cover resize to ``image_size``.
+    ``depth``: also load each camera's depth map (the prior of a depth-branch model), as the
+    training config's ``data.depth`` says (auto, lidar, rendered; occscannet: any but "none" reads
+    the frame's depth PNG); "none": no depth."""
     from occdistill.data.augment import ImageAugConfig
     from occdistill.errors import DataError
 
@@ -589,12 +644,12 @@ def open_bench_dataset(
         if infos is None:
             raise DataError("format occ3d needs an info pickle (--infos)")
         _data_file(root, infos, "info file")
-        ds = Occ3DDataset(root, infos, image_aug=aug, with_labels=False, cameras=tuple(cameras) or None)
+        ds = Occ3DDataset(root, infos, image_aug=aug, with_labels=False, cameras=tuple(cameras) or None, depth=depth)
     elif fmt == "occscannet":
         from occdistill.data.occscannet import OccScanNetDataset
 
         split = _data_file(root, infos, "split file") if infos is not None else None
-        ds = OccScanNetDataset(root, split_file=split, image_aug=aug, with_labels=False)
+        ds = OccScanNetDataset(root, split_file=split, image_aug=aug, with_labels=False, load_depth=depth != "none")
     else:
         raise DataError(f"unknown dataset format {fmt!r} (occ3d or occscannet)")
     if len(ds) == 0:
@@ -606,14 +661,21 @@ def _indices(start: int, batch: int, length: int) -> list[int]:
     return [(start + i) % length for i in range(batch)]
 
 
-def dataset_inputs(dataset: Any, batch: int = 1, device: str | torch.device = "cpu") -> EngineInputs:
-    """The first ``batch`` samples (cycling if the dataset is shorter), collated and on the device."""
+def dataset_inputs(dataset: Any, batch: int = 1, device: str | torch.device = "cpu",
+                   prior_depth: bool = False) -> EngineInputs:
+    """The first ``batch`` samples (cycling if the dataset is shorter), collated and on the device;
+    ``prior_depth``: with their depth maps as the prior depth input (the dataset must load them:
+    :func:`open_bench_dataset` ``depth``)."""
     from occdistill.data.sample import collate
 
     b = collate([dataset[i] for i in _indices(0, batch, len(dataset))]).to(device)
     root = getattr(dataset, "data_root", "dataset")
+    if prior_depth and b.depth is None:
+        raise OccDistillError(f"{root}: the model reads a prior depth map but the dataset loads no depth maps "
+                              "(open it with depth=auto, lidar or rendered)")
     return EngineInputs(b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam, source=f"dataset {root}",
-                        rig="calibration of the dataset samples")
+                        rig="calibration of the dataset samples", prior_depth=b.depth if prior_depth else None,
+                        prior_source=f"depth maps of the dataset samples ({root})" if prior_depth else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,7 +826,7 @@ def _engine_seconds(model: BenchableModel, inputs: EngineInputs, clock: StageClo
         return clock.total
     sync(device)
     t = time.perf_counter()
-    forward_labels(model, *inputs.args())
+    forward_labels(model, *inputs.args(), prior_depth=inputs.prior_depth)
     sync(device)
     return time.perf_counter() - t
 
@@ -772,7 +834,7 @@ def _engine_seconds(model: BenchableModel, inputs: EngineInputs, clock: StageClo
 def _end_to_end_seconds(model: BenchableModel, dataset: Any, start: int, batch: int,
                         device: torch.device) -> tuple[float, float]:
     """Seconds of one end-to-end batch (samples ``start``.., cycled) and of its data pipeline
-    (read, decode, resize, collate, transfer)."""
+    (read, decode, resize, collate, transfer; with the depth maps for a depth-branch model)."""
     from occdistill.data.sample import collate
 
     sync(device)
@@ -780,7 +842,8 @@ def _end_to_end_seconds(model: BenchableModel, dataset: Any, start: int, batch: 
     b = collate([dataset[i] for i in _indices(start, batch, len(dataset))]).to(device)
     sync(device)
     t1 = time.perf_counter()
-    forward_labels(model, b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam)
+    forward_labels(model, b.images, b.intrinsics, b.img_from_raw, b.ego_from_cam,
+                   prior_depth=b.depth if takes_prior_depth(model) else None)
     sync(device)
     return time.perf_counter() - t0, t1 - t0
 
@@ -804,7 +867,7 @@ def _timed_rounds(model: BenchableModel, inputs: EngineInputs, paths: dict[str, 
         for path, use in paths.items():
             use()
             clock = StageClock(device)
-            profiled_forward(model, *inputs.args(), clock=clock)
+            profiled_forward(model, *inputs.args(), clock=clock, prior_depth=inputs.prior_depth)
             latency = _engine_seconds(model, inputs, clock)
             if timed:
                 out.stages[path].append(dict(clock.seconds))
@@ -818,12 +881,21 @@ def _timed_rounds(model: BenchableModel, inputs: EngineInputs, paths: dict[str, 
     return out
 
 
+def _loads_depth(dataset: Any) -> bool:
+    """The dataset loads depth maps with its samples (Occ3D ``depth`` source, Occ-ScanNet ``load_depth``)."""
+    return getattr(dataset, "depth", "none") != "none" or bool(getattr(dataset, "load_depth", False))
+
+
 # What autocast does not reach, per kind (each computes it in at least float32 on purpose).
 _FLOAT32_PARTS = {"dense": "the BEV pooling", "sparse": "the voxelisation", "gaussian": "the splat"}
 
 
-def _notes(model: BenchableModel, kind: str, paths: Sequence[str], batch: int, dataset: Any, dtype: str) -> list[str]:
+def _notes(model: BenchableModel, kind: str, paths: Sequence[str], batch: int, dataset: Any, dtype: str,
+           prior_source: str) -> list[str]:
     notes = [FLOP_COUNT_NOTE]
+    if prior_source:
+        notes.append(f"depth-prior branch: engine input {prior_source}; its calls in every decoder layer are the "
+                     "depth_prior stage")
     if "export" in paths and (batch > 1 or dataset is not None):
         notes.append("export path: pooling plan of the first sample's rig, used for every sample")
     if kind == "dense" and model.cfg.temporal_frames:
@@ -864,6 +936,10 @@ def benchmark(
     fixed-rig state are restored.
     """
     kind = model_kind(model)
+    _check_prior(model, inputs.prior_depth)
+    if dataset is not None and takes_prior_depth(model) and not _loads_depth(dataset):
+        raise OccDistillError(f"{getattr(dataset, 'data_root', 'dataset')}: the model reads a prior depth map but "
+                              "the dataset loads no depth maps (open_bench_dataset depth=auto, lidar or rendered)")
     if dtype not in DTYPES:
         raise OccDistillError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if repeats < 1 or warmup < 0:
@@ -879,7 +955,8 @@ def benchmark(
             rounds = _timed_rounds(model, inputs, paths, dataset, repeats, warmup, progress)
             peak_mb, peak_kind = None, "not measured"
             if measure_memory:
-                peak_mb, peak_kind = measure_peak_memory(lambda: forward_labels(model, *inputs.args()), device)
+                peak_mb, peak_kind = measure_peak_memory(
+                    lambda: forward_labels(model, *inputs.args(), prior_depth=inputs.prior_depth), device)
         # Outside autocast: the counts depend on shapes only, and FlopCounterMode's einsum under
         # autocast fails on mixed float32/low-precision operands (the Gaussian key points).
         with torch.inference_mode():
@@ -900,7 +977,7 @@ def benchmark(
     e2e = rounds.end_to_end
     e2e_med, e2e_p90 = _ms(e2e) if e2e else (None, None)
     data_med = _ms(rounds.data)[0] if rounds.data else None
-    notes = _notes(model, kind, tuple(paths), batch, dataset, dtype)
+    notes = _notes(model, kind, tuple(paths), batch, dataset, dtype, inputs.prior_source)
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     params = sum(p.numel() for p in model.parameters())
@@ -1494,9 +1571,11 @@ def format_side_by_side(result: SideBySideResult) -> str:
 
 __all__ = [
     "BenchModel", "BenchResult", "BenchableModel", "DEFAULT_VARIANTS", "ENGINES", "EngineInputs", "GAUSSIAN_STAGES",
-    "KIND_STAGES", "MatmulPeak", "PATHS", "PathProfile", "SPARSE_STAGES", "STAGES", "SideBySideResult", "StageClock",
+    "KIND_STAGES", "MatmulPeak", "PATHS", "PathProfile", "SPARSE_PRIOR_STAGES", "SPARSE_STAGES", "STAGES",
+    "SideBySideResult", "StageClock",
     "StageTiming", "StagedOutput", "VARIANTS", "VariantResult", "benchmark", "count_export_flops", "count_stage_flops",
     "dataset_inputs", "format_side_by_side", "format_table", "forward_labels", "load_bench_model", "machine_info",
-    "measure_peak_memory", "model_kind", "occscannet_rig", "open_bench_dataset", "output_labels", "parse_variant",
-    "predict_labels", "profiled_forward", "side_by_side", "synthetic_inputs", "synthetic_rig",
+    "measure_peak_memory", "model_kind", "model_stages", "occscannet_rig", "open_bench_dataset", "output_labels",
+    "parse_variant", "predict_labels", "profiled_forward", "side_by_side", "synthetic_inputs", "synthetic_rig",
+    "takes_prior_depth",
 ]

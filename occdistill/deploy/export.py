@@ -32,6 +32,10 @@ data-dependent, so TensorRT needs a recent version or plugins). Not with the Tor
 (tensor-valued reshape sizes), and not with fewer than 26 queries (``torch.cdist`` then dispatches
 ``aten._cdist_forward``, which has no ONNX translation). Its ``logits`` output is the final
 decoder layer's per-point class logits; ``engine.evaluate`` has no sparse path, so no mIoU here.
+A sparse student with the DiScene† depth branch (``cfg.depth_prior``) takes a second input,
+``prior_depth`` (B, N, H, W) float32 metres in network-input pixels (after the evaluation
+transform, like the images), 0 where there is no prior: the depth map the robot's depth source
+gives for each camera (its shape and meaning are in the sidecar's ``extra_inputs``).
 
 Letters: B batch, N cameras, H W image, X Y Z voxels, K classes, D depth bins, h w feature map.
 """
@@ -44,7 +48,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,6 +65,7 @@ FORMAT_VERSION = 1
 INPUT_FORMATS = ("uint8", "float32")
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME = "images"
+PRIOR_DEPTH_NAME = "prior_depth"  # second input of a sparse student with the depth branch
 OUTPUT_NAMES = ("logits", "labels")
 META_PREFIX = "occdistill."
 RIG_WARNING = (
@@ -406,6 +411,19 @@ def dataset_subset(dataset: Any, indices: Sequence[int]) -> Any:
     return sub
 
 
+def synthetic_prior_depth(grid_range: Sequence[float], shape: Sequence[int], generator: torch.Generator,
+                          device: str | torch.device = "cpu") -> tuple[torch.Tensor, str]:
+    """A random prior depth map of ``shape`` (B, N, H, W) metres and its description: uniform
+    between 0.5 m and the length of the grid's diagonal (every projected point a camera can see
+    inside the grid lies in that range). The branch's cost does not depend on the values (the
+    lookup and the MLP run on every point), so this times it as real depth maps would."""
+    lower, upper = np.asarray(grid_range[:3], dtype=np.float64), np.asarray(grid_range[3:], dtype=np.float64)
+    far = float(np.linalg.norm(upper - lower))
+    depth = 0.5 + (far - 0.5) * torch.rand(*shape, generator=generator)
+    return depth.to(device), f"synthetic prior depth map, uniform random in [0.5, {far:.1f}] m"
+
+
+
 # ---------------------------------------------------------------------------------------------
 # the exported module
 
@@ -428,8 +446,9 @@ class ExportWrapper(nn.Module):
     matrices become (B, N, ...) buffers that the camera-aware depth net's MLP folds into constants.
     Sparse student: ``logits`` are the final decoder layer's per-point class logits (B, Q, R, K_occ);
     the ego -> image projection is precomputed (its ``linalg.inv`` has no ONNX op) and the
-    voxelisation (score threshold, index_add scatter, closing) is part of the graph.
-    ``batch`` fixes B.
+    voxelisation (score threshold, index_add scatter, closing) is part of the graph. With the depth
+    branch (``cfg.depth_prior``) the forward takes ``prior_depth`` (B, N, H, W) metres too
+    (:data:`PRIOR_DEPTH_NAME`). ``batch`` fixes B.
     """
 
     def __init__(self, model: nn.Module, rig: Rig, *, batch: int = 1, input_format: str = "uint8"):
@@ -455,17 +474,27 @@ class ExportWrapper(nn.Module):
             for name, t in zip(("intrinsics", "img_from_raw", "ego_from_cam"), cams):
                 self.register_buffer(name, t[None].expand(batch, *t.shape).contiguous(), persistent=False)
         else:
-            if model.cfg.depth_prior:
-                raise OccDistillError("the sparse student's depth-prior branch takes a prior depth map per frame; "
-                                      "its export is not supported (export a model without cfg.depth_prior)")
             proj = type(model).img_from_ego(*(t[None] for t in cams))  # (1, N, 3, 4)
             self.register_buffer("img_from_ego", proj.expand(batch, *proj.shape[1:]).contiguous(), persistent=False)
+
+    @property
+    def prior_depth(self) -> bool:
+        """The graph takes :data:`PRIOR_DEPTH_NAME` after the images (sparse depth branch)."""
+        return self.kind == "sparse" and self.model.cfg.depth_prior
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return (INPUT_NAME, PRIOR_DEPTH_NAME) if self.prior_depth else (INPUT_NAME,)
 
     def input_shape(self) -> tuple[int, ...]:
         h, w = self.image_size
         if self.input_format == "uint8":
             return (self.batch, self.cameras, h, w, 3)
         return (self.batch, self.cameras, 3, h, w)
+
+    def prior_depth_shape(self) -> tuple[int, int, int, int]:
+        """(B, N, H, W) of the prior depth input: one depth per network-input pixel and camera."""
+        return (self.batch, self.cameras, *self.image_size)
 
     def example_input(self, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
@@ -475,6 +504,16 @@ class ExportWrapper(nn.Module):
             x = torch.rand(self.input_shape(), generator=gen)
         return x.to(self.model.pixel_mean.device)
 
+    def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random graph inputs, in :attr:`input_names` order: images, and for the depth branch a
+        random prior depth map (:func:`synthetic_prior_depth`)."""
+        images = self.example_input(seed)
+        if not self.prior_depth:
+            return (images,)
+        gen = torch.Generator().manual_seed(seed + 1)
+        depth, _ = synthetic_prior_depth(self.model.cfg.grid.range, self.prior_depth_shape(), gen, images.device)
+        return images, depth
+
     def to_model_images(self, images: torch.Tensor) -> torch.Tensor:
         """Graph input -> (B, N, 3, H, W) float32 in [0, 1], exactly as the data pipeline makes it."""
         if self.input_format == "uint8":
@@ -482,7 +521,12 @@ class ExportWrapper(nn.Module):
             return images.permute(0, 1, 4, 2, 3).float() / 255.0
         return images
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor,
+                prior_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images in the input format; prior_depth (B, N, H, W) metres for the depth branch only."""
+        if (prior_depth is not None) != self.prior_depth:
+            raise OccDistillError("the sparse depth-prior model takes images and prior_depth" if self.prior_depth
+                                  else "this model takes images only (no prior_depth input)")
         x = self.to_model_images(images)
         if self.kind == "dense":
             logits = self.model(x, self.intrinsics, self.img_from_raw, self.ego_from_cam).voxel_logits
@@ -492,7 +536,7 @@ class ExportWrapper(nn.Module):
         m = self.model
         feats = m.image_features(x)
         init = m.initial_points(x.shape[0])
-        layers = m.decode(init, feats, self.img_from_ego, None)
+        layers = m.decode(init, feats, self.img_from_ego, prior_depth)
         out = SparseOutput(init_points=init, layers=layers, image_features=feats, extra={}, grid=m.grid,
                            classes=m.classes)
         return layers[-1].logits, m.voxelize(out).to(torch.uint8)
@@ -662,9 +706,19 @@ def _io_info(values: Any) -> tuple[TensorInfo, ...]:
 
 def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int, exporter: str, opset: int,
                     model_name: str = "dense") -> dict[str, Any]:
-    """Everything a runtime needs to use (or refuse) the exported file, JSON-able."""
+    """Everything a runtime needs to use (or refuse) the exported file, JSON-able. ``extra_inputs``
+    describes the inputs after the images (the sparse depth branch's prior depth map), in order."""
     cfg = model.cfg
     kind = _model_kind(model)
+    extra_inputs = []
+    if kind == "sparse" and cfg.depth_prior:
+        extra_inputs.append({
+            "name": PRIOR_DEPTH_NAME, "shape": [batch, len(rig.camera_names), *cfg.image_size], "dtype": "float32",
+            "layout": "B,N,H,W (cameras in camera_names order)",
+            "meaning": ("prior depth map per camera in metres (z in the camera frame), in network-input pixels "
+                        "(the evaluation transform of the images applied to the depth map, nearest), 0 = no prior "
+                        "depth at that pixel"),
+        })
     return {
         "model_kind": kind,
         "logits": "voxel logits (B,X,Y,Z,K)" if kind == "dense" else "final-layer point class logits (B,Q,R,K_occ)",
@@ -677,6 +731,7 @@ def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int
         "batch": batch,
         "input_format": input_format,
         "input_layout": "B,N,H,W,3 uint8 RGB" if input_format == "uint8" else "B,N,3,H,W float32 in [0,1]",
+        "extra_inputs": extra_inputs,
         "rig": rig_to_dict(rig, cfg.image_size),
         "frustum": FrustumSpec.of(model).to_dict(),
         "grid_shape": list(model.grid.shape),
@@ -688,13 +743,14 @@ def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int
     }
 
 
-def _export_graph(wrapper: ExportWrapper, example: torch.Tensor, path: Path, exporter: str, opset: int) -> None:
-    names = dict(input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), opset_version=opset)
+def _export_graph(wrapper: ExportWrapper, example: tuple[torch.Tensor, ...], path: Path, exporter: str,
+                  opset: int) -> None:
+    names = dict(input_names=list(wrapper.input_names), output_names=list(OUTPUT_NAMES), opset_version=opset)
     if exporter == "dynamo":
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, external_data=False, optimize=True, **names)
+        program = torch.onnx.export(wrapper, example, dynamo=True, external_data=False, optimize=True, **names)
         program.save(str(path))
     else:
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, do_constant_folding=True, **names)
+        torch.onnx.export(wrapper, example, str(path), dynamo=False, do_constant_folding=True, **names)
 
 
 def export_onnx(
@@ -731,7 +787,7 @@ def export_onnx(
     wrapper = ExportWrapper(exportable_copy(model).eval(), rig, batch=batch, input_format=input_format).eval()
     if wrapper.kind == "dense":
         enable_gathered_splat(wrapper.model)
-    example = wrapper.example_input()
+    example = wrapper.example_inputs()
     meta = export_metadata(model, rig, input_format=input_format, batch=batch, exporter=exporter, opset=opset,
                            model_name=model_name)
     meta.update(extra_metadata or {})
@@ -910,10 +966,11 @@ def make_session(path: str | Path, threads: int | None = None, optimization: str
 
 
 class OnnxOccModel:
-    """An exported dense student in onnxruntime, with its baked rig.
+    """An exported student in onnxruntime, with its baked rig.
 
-    :meth:`run` takes images in the export's ``input_format``; :meth:`check_rig` refuses a frame
-    calibration that differs from the baked rig (names/order, count, or geometry beyond
+    :meth:`run` takes images in the export's ``input_format`` (and, for a sparse student with the
+    depth branch, the prior depth map: :attr:`prior_depth_shape`); :meth:`check_rig` refuses a
+    frame calibration that differs from the baked rig (names/order, count, or geometry beyond
     ``rig_tolerance_m``, default half a BEV cell).
     """
 
@@ -928,8 +985,11 @@ class OnnxOccModel:
         self.frustum = FrustumSpec.from_dict(self.meta["frustum"])
         self.rig_tolerance_m = default_rig_tolerance(self.frustum) if rig_tolerance_m is None else rig_tolerance_m
         self.session = make_session(self.path, threads, optimization, spin)
-        inp = self.session.get_inputs()[0]
-        self.input_name, self.input_shape = inp.name, tuple(inp.shape)
+        inputs = self.session.get_inputs()
+        self.input_name, self.input_shape = inputs[0].name, tuple(inputs[0].shape)
+        # The depth branch's prior depth map, when the graph has that second input.
+        prior = next((i for i in inputs[1:] if i.name == PRIOR_DEPTH_NAME), None)
+        self.prior_depth_shape = tuple(prior.shape) if prior is not None else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def check_rig(self, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any,
@@ -966,12 +1026,25 @@ class OnnxOccModel:
             return np.ascontiguousarray(np.rint(x.transpose(0, 1, 3, 4, 2) * 255.0).clip(0, 255).astype(np.uint8))
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def run(self, images: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Graph input (already in the export's layout) -> {output name: array}."""
+    def run(self, images: np.ndarray, outputs: Sequence[str] | None = None,
+            prior_depth: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Graph input (already in the export's layout) and, for the depth branch, the prior depth
+        map (B, N, H, W) metres -> {output name: array}."""
         if tuple(images.shape) != self.input_shape:
             raise OccDistillError(f"{self.path.name}: input {tuple(images.shape)}, the export takes {self.input_shape}")
+        feed = {self.input_name: images}
+        if self.prior_depth_shape is not None:
+            if prior_depth is None:
+                raise OccDistillError(f"{self.path.name}: the export takes a prior depth map {self.prior_depth_shape} "
+                                      f"({PRIOR_DEPTH_NAME}, metres) besides the images")
+            if tuple(prior_depth.shape) != self.prior_depth_shape:
+                raise OccDistillError(f"{self.path.name}: {PRIOR_DEPTH_NAME} {tuple(prior_depth.shape)}, the export "
+                                      f"takes {self.prior_depth_shape}")
+            feed[PRIOR_DEPTH_NAME] = np.ascontiguousarray(prior_depth, dtype=np.float32)
+        elif prior_depth is not None:
+            raise OccDistillError(f"{self.path.name}: the export takes images only (no {PRIOR_DEPTH_NAME} input)")
         names = list(outputs) if outputs is not None else self.output_names
-        return dict(zip(names, self.session.run(names, {self.input_name: images})))
+        return dict(zip(names, self.session.run(names, feed)))
 
 
 @dataclass
@@ -1065,10 +1138,19 @@ class Parity:
         return {**asdict(self), "allowed_logit_diff": self.allowed_logit_diff, "ok": self.ok}
 
 
+GraphInput = Union[torch.Tensor, np.ndarray, tuple[Union[torch.Tensor, np.ndarray], ...]]
+
+
+def _arrays(x: GraphInput) -> tuple[np.ndarray, ...]:
+    """One parity input -> its graph arrays: the images alone, or (images, prior depth map)."""
+    parts = x if isinstance(x, tuple) else (x,)
+    return tuple(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in parts)
+
+
 def check_parity(
     model: nn.Module,
     onnx_model: OnnxOccModel | str | Path,
-    inputs: Sequence[torch.Tensor | np.ndarray],
+    inputs: Sequence[GraphInput],
     *,
     logit_tolerance: float | None = LOGIT_TOLERANCE,
     agreement_bound: float | None = MIN_ARGMAX_AGREEMENT,
@@ -1077,7 +1159,8 @@ def check_parity(
     verbose: bool = True,
 ) -> Parity:
     """Run the eager model (a copy switched to the export's baked rig) and onnxruntime on the same
-    ``inputs`` (each one graph input, in the export's layout) and compare the logits and labels.
+    ``inputs`` (each the graph input in the export's layout, or for the sparse depth branch the pair
+    (images, prior depth map)) and compare the logits and labels.
 
     Prints :meth:`Parity.summary` (``verbose``) and raises :class:`OccDistillError` outside the
     bounds when ``raise_on_failure``. Pass None bounds for reduced-precision variants (reported only).
@@ -1092,10 +1175,10 @@ def check_parity(
                             input_format=ort_model.input_format).eval()
     max_diff, sum_diff, logits_n, max_logit, agree, voxels = 0.0, 0.0, 0, 0.0, 0, 0
     for x in inputs:
-        x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        arrays = _arrays(x)
         with torch.inference_mode():
-            ref_logits, ref_labels = wrapper(torch.from_numpy(x_np).to(device))
-        got = ort_model.run(x_np)
+            ref_logits, ref_labels = wrapper(*(torch.from_numpy(a).to(device) for a in arrays))
+        got = ort_model.run(arrays[0], prior_depth=arrays[1] if len(arrays) > 1 else None)
         ref = ref_logits.cpu().numpy().astype(np.float64)
         diff = np.abs(got["logits"].astype(np.float64) - ref)
         max_diff = max(max_diff, float(diff.max()))
@@ -1115,10 +1198,11 @@ def check_parity(
 
 __all__ = [
     "EXPORTERS", "ExportInfo", "ExportLinear", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec",
-    "GatheredPool", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel", "Parity", "RIG_WARNING", "RigCheck",
+    "GatheredPool", "GraphInput", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel", "PRIOR_DEPTH_NAME", "Parity",
+    "RIG_WARNING", "RigCheck",
     "RigFrames", "SPARSE_TORCHSCRIPT_REASON", "TensorInfo", "check_parity", "compare_rig", "dataset_subset",
     "default_rig_tolerance", "enable_gathered_splat", "evaluate_onnx", "export_metadata", "export_onnx",
     "exportable_copy", "frame_calibration", "frame_image_paths", "make_session", "max_frustum_shift",
     "raw_image_size", "read_metadata", "rig_from_dataset", "rig_from_dict", "rig_from_sample", "rig_hash",
-    "rig_to_dict", "select_rig_frames", "sidecar_path", "transposes_to_reshapes",
+    "rig_to_dict", "select_rig_frames", "sidecar_path", "synthetic_prior_depth", "transposes_to_reshapes",
 ]

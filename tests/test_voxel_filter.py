@@ -73,7 +73,7 @@ def test_quarter_turn_rotates_the_history_like_a_brute_force_loop():
     """A square grid turned by 90 degrees about the origin: every cell centre maps onto a cell centre."""
     grid = VoxelGrid(range=(-2.0, -2.0, -1.0, 2.0, 2.0, 1.0), voxel_size=(0.5, 0.5, 1.0))  # 8 x 8 x 2
     w = 0.25
-    f = VoxelScoreFilter(grid, w, HistoryLimits(max_rotation_deg=120.0))  # a quarter turn is past the default 60
+    f = VoxelScoreFilter(grid, w, limits=HistoryLimits(max_rotation_deg=120.0))  # a quarter turn is past the default 60
     first, second = torch.randn(*grid.shape, K), torch.randn(*grid.shape, K)
     f.step(first, pose(), "s")
     out = f.step(second, pose(yaw_deg=90.0), "s")
@@ -90,8 +90,32 @@ def test_quarter_turn_rotates_the_history_like_a_brute_force_loop():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("second_pose, scene", [(pose(), "other"), (pose(x=25.0), "s"), (pose(yaw_deg=90.0), "s")])
+def test_voxels_that_show_or_showed_a_mover_take_the_current_frame():
+    """Class 3 is dynamic. Where the history is confidently class 3 (a car that drove off) or the
+    current frame is, the output is the current frame; elsewhere the blend weight is w times the
+    static probability of both frames."""
+    w = 0.4
+    f = VoxelScoreFilter(GRID, w, dynamic=(3,))
+    first = torch.zeros(*GRID.shape, K)
+    first[0, 0, 0, 3] = 30.0  # history: a car
+    first[1, 1, 0, 1] = 30.0  # history: static class 1
+    second = torch.zeros(*GRID.shape, K)
+    second[0, 0, 0, 0] = 30.0  # now: free where the car was
+    second[1, 1, 0, 0] = 30.0  # now: free where class 1 was (a static disagreement)
+    second[2, 2, 0, 3] = 30.0  # now: a car where the history was uniform
+    f.step(first, pose(), "s")
+    out = f.step(second, pose(), "s")
+    s1, s2 = torch.log_softmax(first, dim=-1), torch.log_softmax(second, dim=-1)
+    torch.testing.assert_close(out[0, 0, 0], s2[0, 0, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[2, 2, 0], s2[2, 2, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1, 1, 0], (1 - w) * s2[1, 1, 0] + w * s1[1, 1, 0])
+    # uniform in both frames: dynamic mass 1/K, weight w * (1 - 1/K)
+    wu = w * (1 - 1 / K)
+    torch.testing.assert_close(out[3, 3, 1], (1 - wu) * s2[3, 3, 1] + wu * s1[3, 3, 1])
+
+
 # 25 m and a quarter turn between keyframes are past the default HistoryLimits (20 m, 60 degrees).
+@pytest.mark.parametrize("second_pose, scene", [(pose(), "other"), (pose(x=25.0), "s"), (pose(yaw_deg=90.0), "s")])
 def test_new_scene_or_implausible_jump_restarts_from_the_current_frame(second_pose, scene):
     f = VoxelScoreFilter(GRID, 0.4)
     f.step(torch.randn(*GRID.shape, K), pose(), "s")
@@ -180,8 +204,8 @@ def tiny_dense(grid: VoxelGrid) -> DenseStudent:
 
 
 def test_evaluate_with_the_filter_scores_the_filtered_labels(street, tmp_path):
-    """The labels ``evaluate`` saves with the filter on are the filter run by hand over the frames in
-    scene and time order; they differ from the per-frame argmax; w = 0 is the plain evaluation."""
+    """The labels ``evaluate`` saves with the filter on are the filter (movers: the Occ3D dynamic
+    classes) run by hand over the frames in scene and time order; they differ from the per-frame argmax; w = 0 is the plain evaluation."""
     ds = Occ3DDataset(street.out, street.splits["train"], image_aug=ImageAugConfig(final_size=(32, 64)))
     torch.manual_seed(0)
     model = tiny_dense(ds.grid)
@@ -191,7 +215,7 @@ def test_evaluate_with_the_filter_scores_the_filtered_labels(street, tmp_path):
     on = evaluate(model, ds, torch.device("cpu"), rayiou=False, temporal_filter=0.45, save_pred=tmp_path / "on",
                   batch_size=2)
     assert on["flicker_pairs"] == plain["flicker_pairs"] > 0
-    manual = VoxelScoreFilter(ds.grid, 0.45)
+    manual = VoxelScoreFilter(ds.grid, 0.45, dynamic=[ds.classes.index(n) for n in OCC3D_DYNAMIC_CLASSES])
     changed = 0
     for item in eval_loader(ds, DistContext(), 1, 0):
         batch = item.batch

@@ -9,8 +9,9 @@ camera-visible voxels whose predicted label changes between consecutive frames
 (:mod:`occdistill.metrics.flicker`), and ``flicker_occupied`` over static occupied voxels.
 
 ``temporal_filter`` w > 0 (Occ3D, dense or Gaussian models) scores the labels of the streaming
-voxel filter (:mod:`occdistill.nn.voxel_filter`) instead of each frame's own argmax: every
-process filters its scenes frame by frame in time order, as a robot would.
+voxel filter (:mod:`occdistill.nn.voxel_filter`, movers taken from the current frame) instead of
+each frame's own argmax: every process filters its scenes frame by frame in time order, as a robot
+would.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from occdistill.engine.distributed import DistContext, metric_device
 from occdistill.engine.tasks import predict_labels, predict_scores, temporal_frames
 from occdistill.errors import ConfigError
 from occdistill.io import atomic_save_npz
+from occdistill.metrics.flicker import OCC3D_DYNAMIC_CLASSES
 from occdistill.nn.voxel_filter import VoxelScoreFilter
 from occdistill.metrics import (
     FlickerAccumulator,
@@ -65,12 +67,14 @@ def evaluate(
     ``temporal_filter``: the history weight w of the streaming voxel filter (0 = per-frame argmax).
     """
     occ3d = isinstance(dataset, Occ3DDataset)
+    classes, counts_on = dataset.classes, metric_device(ctx, device)
     voxel_filter = None
     if temporal_filter:
         if not occ3d:
             raise ConfigError("the temporal filter needs ego poses and scene order: Occ3D-layout data only")
-        voxel_filter = VoxelScoreFilter(grid=dataset.grid, weight=temporal_filter)
-    classes, counts_on = dataset.classes, metric_device(ctx, device)
+        # Movers take the current frame: the classes the flicker metric does not count as static.
+        dynamic = [classes.index(name) for name in OCC3D_DYNAMIC_CLASSES]
+        voxel_filter = VoxelScoreFilter(grid=dataset.grid, weight=temporal_filter, dynamic=dynamic)
     if occ3d:
         voxel_acc = Occ3DAccumulator(classes=classes, device=counts_on)
         ray_acc = RayIoUAccumulator(classes=classes, grid=dataset.grid, device=counts_on) if rayiou else None

@@ -13,9 +13,16 @@ for K classes with a forgetting factor, a log-linear (geometric) pooling of the 
 whose source lies inside the previous grid (``warp`` pads with zeros, so at the grid border the
 current frame takes over smoothly; ``v = 0`` gives ``f_t = log_softmax(logits_t)``). Unrolled,
 frame t-n enters with weight ``(1 - w) * w**n``: an exponential memory of about ``1 / (1 - w)``
-frames. The label is ``argmax f_t``. With ``w < 0.5`` a current frame that is as confident as the
-history wins a disagreement, so a moving object leaves no ghost behind once it is confidently gone;
-``w = 0`` is the plain per-frame argmax, exactly.
+frames. The label is ``argmax f_t``; ``w = 0`` is the plain per-frame argmax, exactly.
+
+Moving objects. Warping by ego motion aligns the static world only: a car that moved is pasted
+where it was. Evidence is therefore accumulated for the static world alone, as an occupancy map
+does: with ``dynamic`` class ids (Occ3D: vehicles, pedestrians, bicycles; the classes the flicker
+metric leaves out), each voxel's history weight is ``w * (1 - d)``, where ``d`` is the larger of the
+probability that the voxel holds a dynamic class now and in the warped history. A voxel that
+shows (or showed) a mover takes the current frame: no ghost trail, no smeared vehicle. Measured on
+the synthetic street (benchmarks/bench_temporal.py), a static-only filter cost bus IoU 5 points
+without this rule and left it unchanged with it.
 
 Warp: planar, the BEV warp of :func:`occdistill.nn.temporal.warp_bev` (bilinear in x/y, every z
 layer and class as a channel), with the same history reset rule as feature fusion: a new scene, an
@@ -29,6 +36,7 @@ evaluation feeds it every frame of its shard in order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -45,16 +53,20 @@ class _State:
 
 @dataclass
 class VoxelScoreFilter:
-    """The recursive filter of the module docstring for one stream. ``weight`` = w."""
+    """The recursive filter of the module docstring for one stream. ``weight`` = w; ``dynamic``:
+    class ids of moving classes, whose voxels take the current frame (empty: every class is
+    accumulated)."""
 
     grid: VoxelGrid
     weight: float
+    dynamic: Sequence[int] = ()
     limits: HistoryLimits = HistoryLimits()
     _state: _State | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight < 1.0:
             raise ValueError(f"temporal filter weight must be in [0, 1), got {self.weight}")
+        self.dynamic = tuple(int(c) for c in self.dynamic)
 
     def reset(self) -> None:
         self._state = None
@@ -64,6 +76,8 @@ class VoxelScoreFilter:
         scene name -> the filtered log-probabilities (X, Y, Z, K) float32; argmax gives the labels."""
         if tuple(logits.shape[:3]) != self.grid.shape:
             raise ValueError(f"voxel logits of shape {tuple(logits.shape)} do not match grid {self.grid.shape}")
+        if any(not 0 <= c < logits.shape[-1] for c in self.dynamic):
+            raise ValueError(f"dynamic class ids {self.dynamic} outside the {logits.shape[-1]} classes")
         current = torch.log_softmax(logits.float(), dim=-1)
         pose = torch.as_tensor(global_from_ego, dtype=torch.float64)
         prev = self._state
@@ -84,4 +98,12 @@ class VoxelScoreFilter:
         inside = warped[0, -1].clamp(0.0, 1.0)[:, :, None, None]  # (X, Y, 1, 1)
         # (1, Z*K, X, Y) -> (X, Y, Z, K), the layout of ``current``
         moved = warped[0, :-1].reshape(num_z, k, num_x, num_y).permute(2, 3, 0, 1)
-        return (1.0 - self.weight * inside) * current + self.weight * moved
+        weight = torch.full_like(current[..., :1], self.weight)  # (X, Y, Z, 1)
+        if self.dynamic:
+            ids = list(self.dynamic)
+            # The history is a blend of log-probabilities (not normalised): renormalise it where the
+            # grid covers the cell, before reading its dynamic mass.
+            now = current[..., ids].exp().sum(dim=-1, keepdim=True)
+            before = torch.log_softmax(moved / inside.clamp_min(1e-6), dim=-1)[..., ids].exp().sum(dim=-1, keepdim=True)
+            weight = weight * (1.0 - torch.maximum(now, before * inside)).clamp(0.0, 1.0)
+        return (1.0 - weight * inside) * current + weight * moved

@@ -19,20 +19,11 @@ from occdistill.deploy.bench import SPARSE_STAGES, STAGES
 from occdistill.deploy.export import MIN_ARGMAX_AGREEMENT, read_metadata
 from occdistill.engine.config import load_train_config
 from occdistill.io import atomic_write_json
-from occdistill.pipeline.demo import (
-    BENCH_WARMUP,
-    DEPLOY_THREADS,
-    DemoConfig,
-    DeploySection,
-    SparseSection,
-    StudentBench,
-    StudentResult,
-    _bench_student,
-    _deploy_student,
-    _report_markdown,
-    _sparse_student,
-    _train_student,
-)
+from occdistill.pipeline.demo import DemoConfig
+from occdistill.pipeline.deployment import DEPLOY_THREADS, DeploySection, deploy_student
+from occdistill.pipeline.report import DemoResults, report_markdown
+from occdistill.pipeline.sparse import SparseSection, sparse_student
+from occdistill.pipeline.student import BENCH_WARMUP, StudentBench, StudentResult, bench_student, train_student
 
 SYNTH = [
     "rig.width=64", "rig.height=36", "rig.cameras=[CAM_FRONT,CAM_BACK]", "lidar.azimuths=256",
@@ -61,24 +52,23 @@ def street(tmp_path_factory) -> SynthResult:
 
 
 @pytest.fixture(scope="module")
-def trained(street, tmp_path_factory) -> tuple[DemoConfig, StudentResult, StudentBench]:
+def trained(street, tmp_path_factory) -> tuple[StudentResult, StudentBench]:
     """The demo's own train and bench stages, with a student config shrunk to the tiny world."""
     out = tmp_path_factory.mktemp("demo")
     student_yaml = save_config(load_train_config("street-tiny", TINY), out / "student.yaml")
-    cfg = DemoConfig(student_config=str(student_yaml), train_steps=2, bench_iters=ITERS)
-    student = _train_student(cfg, street, out)
-    return cfg, student, _bench_student(student.run_dir, street, cfg.bench_iters)
+    student = train_student(str(student_yaml), street, out / "student", 2, seed=0)
+    return student, bench_student(student.run_dir, street, ITERS)
 
 
 @pytest.fixture(scope="module")
 def deployed(trained) -> DeploySection:
     """The demo's deployment stages on the 2-step student (into the demo folder of ``trained``)."""
-    _, student, _ = trained
-    return _deploy_student(student.run_dir, ITERS, False, Path(student.run_dir).parent)
+    student, _ = trained
+    return deploy_student(student.run_dir, ITERS, False, Path(student.run_dir).parent)
 
 
 def test_bench_measures_the_trained_student_engine_only_and_end_to_end(trained, street):
-    _, student, bench = trained
+    student, bench = trained
     r = bench.result
     assert str(student.run_dir) in r.model and "step 2" in r.model
     assert (r.device, r.batch, r.cameras, r.image_size) == ("cpu", 1, 2, (32, 64))
@@ -95,8 +85,9 @@ def test_bench_measures_the_trained_student_engine_only_and_end_to_end(trained, 
 
 
 def test_report_has_the_bench_table_after_the_student_and_in_json(trained, tmp_path):
-    cfg, student, bench = trained
-    readme = _report_markdown(cfg, [], student, bench, None, Path(student.run_dir).parent)
+    student, bench = trained
+    readme = report_markdown(DemoResults((), student, bench), Path(student.run_dir).parent, seed=0,
+                             deploy_compile=False)
     student_at, bench_at = readme.index("## Dense student"), readme.index("## Latency profile of the student")
     assert student_at < bench_at < readme.index("Configuration: `config.yaml`")
     table = [line for line in readme[bench_at:].splitlines() if line.startswith("| ")][1:]  # after the header
@@ -165,9 +156,9 @@ def test_costmap_pictures_and_map_server_files_of_student_and_gt(deployed):
 
 
 def test_report_renders_the_deployment_section_and_json(trained, deployed, tmp_path):
-    cfg, student, bench = trained
+    student, bench = trained
     out = Path(student.run_dir).parent
-    readme = _report_markdown(cfg, [], student, bench, deployed, out)
+    readme = report_markdown(DemoResults((), student, bench, deployed), out, seed=0, deploy_compile=False)
     at = readme.index("## Deployment of the student")
     assert readme.index("## Latency profile of the student") < at < readme.index("Configuration: `config.yaml`")
     section = readme[at:]
@@ -185,18 +176,17 @@ def test_report_renders_the_deployment_section_and_json(trained, deployed, tmp_p
 
 
 @pytest.fixture(scope="module")
-def sparse(tmp_path_factory) -> tuple[DemoConfig, SparseSection, Path]:
+def sparse(tmp_path_factory) -> tuple[SparseSection, Path]:
     """The demo's sparse stage: a 2-step micro sparse student on a 2-room world (1 train, 1 val room)."""
     room = generate("room", tmp_path_factory.mktemp("room"), 2, 1, seed=5,
                     overrides=["camera.width=64", "camera.height=48"], progress=False)
     out = tmp_path_factory.mktemp("demo_sparse")
     sparse_yaml = save_config(load_train_config("room-sparse", SPARSE_TINY), out / "sparse.yaml")
-    cfg = DemoConfig(sparse_config=str(sparse_yaml), sparse_steps=2, bench_iters=ITERS)
-    return cfg, _sparse_student(cfg, room, out), out
+    return sparse_student(str(sparse_yaml), room, out, steps=2, seed=0, bench_iters=ITERS), out
 
 
 def test_sparse_stage_trains_evaluates_and_benchmarks_on_the_val_room(sparse):
-    _, section, out = sparse
+    section, out = sparse
     s = section.student
     assert s.steps == 2 and Path(s.run_dir) == out / "sparse_student" and (s.train_samples, s.val_samples) == (1, 1)
     assert s.metrics["format"] == "occscannet" and s.metrics["num_samples"] == 1
@@ -211,8 +201,8 @@ def test_sparse_stage_trains_evaluates_and_benchmarks_on_the_val_room(sparse):
 
 
 def test_report_renders_the_sparse_section_last_and_json_round_trips(sparse, tmp_path):
-    cfg, section, out = sparse
-    readme = _report_markdown(cfg, [], None, None, None, out, section)
+    section, out = sparse
+    readme = report_markdown(DemoResults((), sparse=section), out, seed=0, deploy_compile=False)
     at = readme.index("## Sparse-query student on the room world")
     assert at < readme.index("Configuration: `config.yaml`")
     part = readme[at:]
@@ -237,3 +227,4 @@ def test_sparse_steps_need_a_val_room():
         DemoConfig(sparse_steps=-1)
     with pytest.raises(ValueError, match="needs room_scenes >= 2"):
         DemoConfig(room_scenes=1)
+

@@ -373,8 +373,10 @@ def prior_checkpoint(street, tmp_path_factory):
 def test_cli_exports_the_depth_prior_model_with_the_prior_as_a_second_input(prior_checkpoint, splits, tmp_path,
                                                                           capsys):
     out = tmp_path / "prior"
-    assert main(["export", "--checkpoint", str(prior_checkpoint), "--out", str(out), "--precision", "fp32",
+    # No --precision: a sparse student's default is FP32 alone.
+    assert main(["export", "--checkpoint", str(prior_checkpoint), "--out", str(out),
                  "--parity-frames", "2", "--threads", "1"]) == 0
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]
     report = json.loads((out / "export.json").read_text())
     assert report["parity"]["fp32"]["ok"] and report["parity"]["fp32"]["argmax_agreement"] >= 0.999
     assert "train frames" in report["parity_inputs"] and report["parity_rig_frames"]["kept"] >= 1

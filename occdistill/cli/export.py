@@ -19,8 +19,8 @@ A sparse student with the depth-prior branch (``model.sparse.depth_prior``) expo
 graph input, ``prior_depth`` (B, N, H, W) metres (shape and meaning in the sidecar's
 ``extra_inputs``); its parity check feeds the evaluation frames' depth maps (the config's
 ``data.depth``), or random maps with random images. The FP16 and INT8 variants are made for the
-dense student (its BEV pooling stays float32; INT8 calibration feeds images alone): export sparse
-students with ``--precision fp32``.
+dense student (its BEV pooling stays float32; INT8 calibration feeds images alone): other models
+export FP32 by default, and asking them for fp16 or int8 is an error.
 
 A dataset may hold several rigs (nuScenes logs, the synthetic street's per-scene camera mounts,
 ``rig.mount_jitter_deg``): the parity check and the ``--eval`` mIoU use only the frames whose
@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rig-frame", type=int, default=0, help="index of the rig frame in that split (default 0)")
     parser.add_argument("--rig-tolerance", type=float,
                         help="metres a frame's calibration may move the frustum points (default half a BEV cell)")
-    parser.add_argument("--precision", default="fp32,fp16,int8",
-                        help="comma list of fp32, fp16, int8 (default all; fp32 is always written)")
+    parser.add_argument("--precision",
+                        help="comma list of fp32, fp16, int8 (fp32 is always written; default: all for a dense "
+                             "student, fp32 for other models, whose reduced-precision variants are not made)")
     parser.add_argument("--calib-frames", type=int, default=8, help="training frames for INT8 calibration (default 8)")
     parser.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from occdistill.io import atomic_write_json
     from occdistill.models.dense import DenseStudent
 
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    precisions = [p.strip() for p in (args.precision or "fp32").split(",") if p.strip()]
     bad = [p for p in precisions if p not in VARIANT_FILES]
     if bad:
         raise OccDistillError(f"--precision: unknown {bad}; choose from {', '.join(VARIANT_FILES)}")
@@ -158,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and not isinstance(model, DenseStudent):
         raise OccDistillError(f"--eval: evaluation of an exported {type(model).__name__} is not supported")
     prior = takes_depth_input(model)  # the graph's second input: the prior depth map
+    if args.precision is None and isinstance(model, DenseStudent):
+        precisions = list(VARIANT_FILES)  # the dense student's default: every variant
     reduced = [p for p in precisions if p != "fp32"]
     if reduced and not isinstance(model, DenseStudent):
         raise OccDistillError(f"--precision {','.join(reduced)}: the reduced-precision variants are made for the dense "

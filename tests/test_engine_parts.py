@@ -80,6 +80,17 @@ def test_builtin_configs_load_and_match_their_models():
         assert cfg.loss.camera_mask and cfg.loss.class_weights == "none" and cfg.loss.depth_weight == 0
 
 
+def test_street_gaussian_teacher_reads_the_students_input_and_grid():
+    """A teacher of street-tiny: same data section (images, augmentation, splits), same network input
+    and voxel grid, so that dumps and online distillation pair it with the student frame by frame."""
+    teacher, student = load_train_config("street-gaussian-teacher"), load_train_config("street-tiny")
+    assert teacher.model.kind == "gaussian" and teacher.data == student.data
+    gaussian, dense = teacher.model.gaussian, student.model.dense
+    assert gaussian.image_size == dense.image_size == teacher.data.image_aug.final_size
+    assert gaussian.grid.voxel_grid() == dense.grid.voxel_grid()
+    assert gaussian.num_classes == dense.num_classes
+
+
 @pytest.mark.parametrize(
     "name, overrides, message",
     [

@@ -2,15 +2,19 @@
 
     .venv/bin/python benchmarks/bench_kd_ablation.py [--data outputs/bench/street]
         [--work outputs/bench/kd_ablation] [--seeds 0,1] [--student-steps 200] [--teacher-steps 420]
-        [--procs 2] [--latency-repeats 30] [--smoke]
+        [--teacher-config street-teacher] [--procs 2] [--latency-repeats 30] [--smoke]
 
 On the synthetic street world (20 scenes x 8 frames, the last 3 scenes are the val split; made by
 ``generate("street", DIR, 20, 8, 0, overrides=["split.val_scenes=3"])`` when --data does not hold
 it yet), with the same split, seeds and step budget for every student:
 
-1. trains the dense teacher ``street-teacher`` once (seed 0, ``--teacher-steps``) and evaluates it;
-2. dumps its targets for the train split: compact AND seed fp16 formats, with the BEV feature (the
-   MFD target below), ``occdistill dump-teacher`` in two shares;
+1. trains the teacher once (seed 0, ``--teacher-steps``) and evaluates it: ``--teacher-config``
+   ``street-teacher`` (the dense student scaled up, default) or ``street-gaussian-teacher`` (the
+   GaussianFormer-2-style teacher of seed 000, ~20x the student's latency);
+2. dumps its targets for the train split: compact AND seed fp16 formats, with the BEV feature of a
+   dense teacher (its MFD target; a Gaussian teacher has no BEV feature, so MFD matches its BEV
+   probability map through the student's projecting adapter), ``occdistill dump-teacher`` in two
+   shares;
 3. for every seed trains the student ``street-tiny`` (``--student-steps``) as
    ``no_kd`` (no teacher), ``mfd`` (+MFD), ``cwd`` (+CWD), ``both`` (MFD+CWD) and ``both_fp16``
    (MFD+CWD read from the seed fp16 files; the others read the compact files), each evaluated at
@@ -68,14 +72,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
-TEACHER_CONFIG = "street-teacher"
 STUDENT_CONFIG = "street-tiny"
 VARIANTS = ("no_kd", "mfd", "cwd", "both", "both_fp16")
 DISTILLED_VARIANT = "both"  # declared up front: the headline distilled student
-# Shared by every distilled variant: MFD on the teacher's BEV feature (1x1 adapter 32 -> 64
-# channels, PKD normalisation, GT-occupied cells dilated by 1), CWD on per-voxel log-probabilities
-# at tau 1, camera-visible voxels only, no Hinton KD.
-KD_COMMON = ("distill.dense.mfd_target=feature", "distill.dense.mfd_normalize=true", "distill.dense.mfd_dilation=1",
+# Shared by every distilled variant: MFD (PKD normalisation, GT-occupied cells dilated by 1) on the
+# teacher's MFD target (TEACHERS), CWD on per-voxel log-probabilities at tau 1, camera-visible
+# voxels only, no Hinton KD.
+KD_COMMON = ("distill.dense.mfd_normalize=true", "distill.dense.mfd_dilation=1",
              "distill.dense.tau_cwd=1.0", "distill.dense.cwd_space=log_prob", "distill.dense.camera_mask=true",
              "distill.dense.lambda_kd=0")
 LAMBDA_FEAT, LAMBDA_LOGIT = 1.0, 1.0
@@ -111,6 +114,32 @@ SMOKE_TEACHER = ("data.image_aug.final_size=[32,64]", "model.dense.image_size=[3
                  "model.dense.depth_bins=[1.0,13.0,0.5]", "model.dense.context_channels=8",
                  "model.dense.depth_net_channels=16", "model.dense.bev_channels=24", "runtime.eval_rayiou=false",
                  *(f"model.dense.{g}" for g in _SMOKE_GRID))
+
+
+_SMOKE_GAUSSIAN = ("data.image_aug.final_size=[32,64]", "model.gaussian.image_size=[32,64]",
+                   "model.gaussian.backbone.base_width=8", "model.gaussian.neck_channels=16",
+                   "model.gaussian.embed_dims=16", "model.gaussian.depth_bins=[1.0,13.0,1.0]",
+                   "model.gaussian.depth_net_channels=16", "model.gaussian.init_gaussians=96",
+                   "model.gaussian.learned_gaussians=32", "model.gaussian.num_blocks=1", "model.gaussian.num_heads=2",
+                   "model.gaussian.knn=8", "model.gaussian.scale_range=[0.2,1.6]", "runtime.eval_rayiou=false",
+                   *(f"model.gaussian.{g}" for g in _SMOKE_GRID))
+
+
+@dataclass(frozen=True)
+class TeacherSetup:
+    """What a teacher config implies for the dump and the MFD target."""
+
+    mfd_target: str  # distill.dense.mfd_target: "feature" (dumped BEV feature) or "bev_prob"
+    bev_feature: bool  # dump-teacher --bev-feature
+    smoke: tuple[str, ...]  # tiny-model overrides of --smoke
+
+
+TEACHERS = {
+    # the dense teacher's 64-channel BEV feature, through the student's 1x1 adapter 32 -> 64
+    "street-teacher": TeacherSetup("feature", True, SMOKE_TEACHER),
+    # the Gaussian teacher has no BEV feature: its BEV probability map (top-down collapse)
+    "street-gaussian-teacher": TeacherSetup("bev_prob", False, _SMOKE_GAUSSIAN),
+}
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -182,13 +211,14 @@ def latency_summary(teacher_ms: float, student_ms: float, target: float = LATENC
             "target_ratio": target, "met": ratio >= target}
 
 
-def variant_overrides(variant: str, dump: str | Path) -> list[str]:
+def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature") -> list[str]:
     """The student's ``distill.*`` overrides of a variant (empty for no_kd)."""
     kd = VARIANT_KD[variant]
     if kd is None:
         return []
     feat, logit, source = kd
     return [f"distill.dump={dump}", f"distill.dump_source={source}", *KD_COMMON,
+            f"distill.dense.mfd_target={mfd_target}",
             f"distill.dense.lambda_feat={feat}", f"distill.dense.lambda_logit={logit}"]
 
 
@@ -494,7 +524,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"Teacher `{TEACHER_CONFIG}` ({report['budget']['teacher_steps']} steps, seed 0), student "
+        f"Teacher `{report['teacher_config']}` ({report['budget']['teacher_steps']} steps, seed 0), student "
         f"`{STUDENT_CONFIG}` ({report['budget']['student_steps']} steps per variant, seeds "
         f"{', '.join(map(str, seeds))}); {report['data']['train_samples']} train / "
         f"{report['data']['val_samples']} val frames; val split metrics in percent (mean ± sample std "
@@ -559,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", help="student seeds (comma-separated)")
     parser.add_argument("--student-steps", type=int, default=200)
     parser.add_argument("--teacher-steps", type=int, default=420)
+    parser.add_argument("--teacher-config", choices=sorted(TEACHERS), default="street-teacher")
     parser.add_argument("--procs", type=int, default=2, help="jobs at once (each 1 thread)")
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--out-json", type=Path, default=None, help="default benchmarks/results/kd_ablation.json "
@@ -569,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.procs <= 2:
         parser.error("--procs must be 1 or 2 (a 2-core machine)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    setup = TEACHERS[args.teacher_config]
     # SIGTERM ends the pool's workers too (the pool's context exit terminates them).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.time()
@@ -582,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         data = generate("street", work / "street", 2, 2, seed=3, overrides=list(SMOKE_SYNTH), progress=False).out
-        student_extra, teacher_extra = list(SMOKE_STUDENT), list(SMOKE_TEACHER)
+        student_extra, teacher_extra = list(SMOKE_STUDENT), list(setup.smoke)
         args.student_steps, args.teacher_steps = 2, 3
         args.latency_repeats = 2
         warmup, poll_s, progress_s = 0, 0.2, 5.0
@@ -597,18 +629,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"data.val_split={data / 'occdistill_infos_val.pkl'}"]
 
     teacher_run = work / "teacher"
-    teacher = Job("teacher", "train", config=TEACHER_CONFIG, run_dir=teacher_run, total_steps=args.teacher_steps,
+    teacher = Job("teacher", "train", config=args.teacher_config, run_dir=teacher_run, total_steps=args.teacher_steps,
                   overrides=(*data_overrides, *RUNTIME, *teacher_extra, "runtime.seed=0",
                              f"optim.max_steps={args.teacher_steps}"))
     dump_argv = ["dump-teacher", "--checkpoint", str(teacher_run), "--split", "train", "--out", str(dump),
-                 "--formats", "compact,seed", "--bev-feature", "--workers", "0", "--no-progress", "--device", "cpu"]
+                 "--formats", "compact,seed", *(["--bev-feature"] if setup.bev_feature else []), "--workers", "0",
+                 "--no-progress", "--device", "cpu"]
     shares = [Job(f"dump_{i}", "dump", deps=("teacher",), argv=(*dump_argv, "--shard", f"{i}/{args.procs}"))
               for i in range(args.procs)]
     # Whichever share ends last writes the manifest; this no-op pass writes it if neither did.
     finalize = Job("dump_finalize", "dump", deps=tuple(j.name for j in shares), argv=tuple(dump_argv))
 
     def student(variant: str, seed: int) -> Job:
-        kd = variant_overrides(variant, dump)
+        kd = variant_overrides(variant, dump, setup.mfd_target)
         deps = (finalize.name,) if kd else ()
         return Job(f"{variant}_s{seed}", "train", deps=deps, config=STUDENT_CONFIG,
                    run_dir=work / "students" / f"{variant}_s{seed}", total_steps=args.student_steps,
@@ -677,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                    "teacher_epochs": round(args.teacher_steps * 2 / n_train, 2),
                    "student_epochs": round(args.student_steps * 2 / n_train, 2)},
         "seeds": seeds,
-        "teacher_config": TEACHER_CONFIG, "student_config": STUDENT_CONFIG,
+        "teacher_config": args.teacher_config, "student_config": STUDENT_CONFIG,
         "distill_common": list(KD_COMMON),
         "distilled_variant_declared": DISTILLED_VARIANT,
         "headline": headline,

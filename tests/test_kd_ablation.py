@@ -98,6 +98,18 @@ def test_latency_summary_and_variant_overrides(bench):
         load_train_config("street-tiny", bench.variant_overrides(v, "d"))
 
 
+@pytest.mark.parametrize("teacher", ["street-teacher", "street-gaussian-teacher"])
+def test_every_teacher_setup_gives_valid_configs(bench, teacher):
+    """Each teacher's tiny smoke overrides load with its config, and every student variant reads the
+    teacher's MFD target (a Gaussian teacher dumps no BEV feature: MFD matches its BEV probabilities)."""
+    setup = bench.TEACHERS[teacher]
+    assert load_train_config(teacher, list(setup.smoke)).model.kind in ("dense", "gaussian")
+    assert setup.bev_feature == (setup.mfd_target == "feature")
+    for v in bench.VARIANTS:
+        cfg = load_train_config("street-tiny", bench.variant_overrides(v, "d", setup.mfd_target))
+        assert v == "no_kd" or cfg.distill.dense.mfd_target == setup.mfd_target
+
+
 def test_smoke_run_writes_the_report(tmp_path):
     work = tmp_path / "work"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--work", str(work)],

@@ -1,13 +1,15 @@
-"""The demo's student stages on a tiny street world: a 2-step student, its `occdistill bench` profile,
-its deployment (ONNX export and parity, INT8, engines side by side, costmap) and where they land in
-the report; the sparse-query student's stage on a tiny room world. The whole job runs in tests/test_cli.py."""
+"""The demo's stages on a tiny street world: a 2-step student, its `occdistill bench` profile, its
+deployment (ONNX export and parity, INT8, engines side by side, costmap), the teacher and distillation
+stage (3-step teacher, dump, check-dump, 2-step distilled student), and where they land in the report;
+the sparse-query student's stage on a tiny room world. The whole job runs in tests/test_cli.py."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,24 @@ from occdistill.config import save_config
 from occdistill.data.synth import SynthResult, generate
 from occdistill.deploy.bench import SPARSE_STAGES, STAGES
 from occdistill.deploy.export import MIN_ARGMAX_AGREEMENT, read_metadata
-from occdistill.engine.config import load_train_config
+from occdistill.config import load_config
+from occdistill.data.build import open_dataset
+from occdistill.engine.config import TrainConfig, load_train_config
+from occdistill.engine.history import read_records
+from occdistill.errors import OccDistillError
 from occdistill.io import atomic_write_json
+from occdistill.targets.check import check_dump
+from occdistill.targets.manifest import VOXEL, Manifest
 from occdistill.pipeline.demo import DemoConfig
 from occdistill.pipeline.deployment import DEPLOY_THREADS, DeploySection, deploy_student
+from occdistill.pipeline.distillation import (
+    DISTILL_SETTINGS,
+    DistillSection,
+    dump_and_check,
+    distillation_stage,
+    gap_closed,
+    teacher_checkpoint_sha256,
+)
 from occdistill.pipeline.report import DemoResults, report_markdown
 from occdistill.pipeline.sparse import SparseSection, sparse_student
 from occdistill.pipeline.student import BENCH_WARMUP, StudentBench, StudentResult, bench_student, train_student
@@ -35,6 +51,11 @@ TINY = [
     "model.dense.context_channels=8", "model.dense.depth_net_channels=16", "model.dense.bev_channels=16",
     "model.dense.grid.range=[-9.6,-9.6,-1,9.6,9.6,5.4]", "model.dense.grid.voxel_size=[0.8,0.8,0.8]",
     "data.workers=0", "runtime.progress=false",
+]
+# street-teacher shrunk to the tiny world, still larger than the tiny student (finer depth, more BEV channels).
+TEACHER_TINY = [
+    *(o for o in TINY if not o.startswith(("model.dense.depth_bins", "model.dense.bev_channels"))),
+    "model.dense.depth_bins=[1.0,13.0,0.5]", "model.dense.bev_channels=24",
 ]
 SPARSE_TINY = [
     "data.image_aug.final_size=[48,64]", "model.sparse.image_size=[48,64]", "model.sparse.backbone.base_width=8",
@@ -228,3 +249,106 @@ def test_sparse_steps_need_a_val_room():
     with pytest.raises(ValueError, match="needs room_scenes >= 2"):
         DemoConfig(room_scenes=1)
 
+
+@pytest.fixture(scope="module")
+def distilled(trained, street) -> DistillSection:
+    """The demo's teacher and distillation stage beside the 2-step student: a 3-step tiny teacher."""
+    student, _ = trained
+    out = Path(student.run_dir).parent
+    teacher_yaml = save_config(load_train_config("street-teacher", TEACHER_TINY), out / "teacher.yaml")
+    return distillation_stage(street, out, student, teacher_config=str(teacher_yaml), teacher_steps=3, seed=0,
+                              bench_iters=ITERS)
+
+
+def test_distillation_stage_dumps_checks_and_trains_the_distilled_student(distilled, trained, street):
+    student, _ = trained
+    s, d = distilled, distilled.dump
+    out = Path(student.run_dir).parent
+    assert s.teacher.steps == 3 and s.distilled.steps == student.steps == 2 and s.distilled.config == student.config
+    # The dump is named after the teacher's checkpoint and validates against the train split.
+    sha = teacher_checkpoint_sha256(Path(s.teacher.run_dir))
+    assert Path(d.dir) == out / "teacher_dump" / sha[:12] and d.teacher_checkpoint_sha256 == sha
+    train_set = open_dataset("occ3d", street.out, str(street.splits["train"]))
+    assert d.check_passed and d.samples == len(train_set) == 2 and check_dump(d.dir, train_set, "train") == []
+    assert Manifest.load(d.dir, "train").teacher.name.startswith("dense step 3 (ema weights)")
+    assert 0 < d.compact_bytes < d.seed_fp16_bytes and d.feature_bytes > 0
+    # The distilled student read that dump with the ablation's MFD + CWD weights, and both terms were trained.
+    cfg = load_config(TrainConfig, Path(s.distilled.run_dir) / "config.yaml")
+    assert cfg.distill.dump == d.dir and cfg.distill.dump_source == "compact"
+    assert (cfg.distill.dense.lambda_feat, cfg.distill.dense.lambda_logit) == (1.0, 1.0)
+    assert s.distill_overrides == (f"distill.dump={d.dir}", *DISTILL_SETTINGS)
+    last = [r for r in read_records(Path(s.distilled.run_dir) / "log.jsonl") if r["type"] == "train"][-1]
+    assert last["mfd"] > 0 and last["cwd"] > 0
+    # The plain student's run is the one compared, untouched.
+    assert [r.name for r in s.rows] == ["teacher", "plain student", "distilled student"]
+    teacher, plain, dist = s.rows
+    assert plain.mIoU == student.metrics["mIoU"] and dist.mIoU == s.distilled.metrics["mIoU"]
+    assert teacher.mIoU == s.teacher.metrics["mIoU"] and teacher.params > plain.params == dist.params
+    assert all(0 < r.latency_median_ms <= r.latency_p90_ms for r in s.rows)
+    assert s.latency.repeats == 2 and set(s.latency.models) == {r.name for r in s.rows}
+    assert s.teacher_above_plain == (teacher.mIoU > plain.mIoU)
+    assert s.gap_closed == gap_closed(teacher.mIoU, plain.mIoU, dist.mIoU)
+
+
+def test_gap_closed_is_undefined_without_a_gap():
+    assert gap_closed(10.0, 6.0, 8.0) == 0.5 and gap_closed(10.0, 6.0, 5.0) == -0.25
+    assert gap_closed(6.0, 6.0, 7.0) is None and gap_closed(5.0, 6.0, 7.0) is None
+
+
+def _table_row(readme: str, name: str) -> list[str]:
+    return next(line for line in readme.splitlines() if line.startswith(f"| {name} | `")).split(" | ")
+
+
+def test_report_has_the_teacher_plain_distilled_table_and_json(distilled, trained, tmp_path):
+    student, bench = trained
+    out = Path(student.run_dir).parent
+    readme = report_markdown(DemoResults((), student, bench, None, distilled), out, seed=0, deploy_compile=False)
+    at = readme.index("## Teacher and distilled student")
+    assert readme.index("## Latency profile of the student") < at < readme.index("Configuration: `config.yaml`")
+    section = readme[at:]
+    for r in distilled.rows:
+        cells = _table_row(section, r.name)
+        assert cells[2:6] == [str(r.steps), f"{r.mIoU:.2f}", f"{r.IoU:.2f}", f"{r.RayIoU:.2f}"]
+        assert cells[6] == f"{r.params / 1e6:.2f} M" and cells[7].startswith(f"{r.latency_median_ms:.1f} (")
+    assert "**passed**" in section and f"{distilled.dump.samples} samples" in section
+    ratio = distilled.dump.seed_fp16_bytes / distilled.dump.compact_bytes
+    assert f"| 1/{ratio:.0f} |" in section and "| dump-teacher (2 frames) |" in section
+    assert "| **stage total** |" in section and "| check-dump |" in section
+    saved = json.loads(atomic_write_json(tmp_path / "report.json", {"distillation": asdict(distilled)}).read_text())
+    back = saved["distillation"]
+    assert [r["mIoU"] for r in back["rows"]] == [r.mIoU for r in distilled.rows]
+    assert back["gap_closed"] == distilled.gap_closed and back["dump"]["check_passed"] is True
+    assert back["rows"][0]["latency_median_ms"] == distilled.rows[0].latency_median_ms
+
+
+def test_report_says_plainly_whether_the_teacher_leads(distilled, trained):
+    student, _ = trained
+    out = Path(student.run_dir).parent
+    teacher, plain, dist = distilled.rows
+
+    def render(t: float, d: float) -> str:
+        rows = (replace(teacher, mIoU=t), replace(plain, mIoU=10.0), replace(dist, mIoU=d))
+        section = replace(distilled, rows=rows, teacher_above_plain=t > 10.0, gap_closed=gap_closed(t, 10.0, d))
+        return report_markdown(DemoResults((), student, None, None, section), out, seed=0, deploy_compile=False)
+
+    leading = render(14.0, 11.0)
+    assert "= **25%**" in leading and "not above" not in leading
+    behind = render(9.0, 10.5)
+    assert "**The teacher is not above the plain student on this val split** (9.00 vs 10.00 mIoU)" in behind
+    assert "+0.50 mIoU" in behind and "Gap closed" not in behind
+
+
+def test_a_dump_that_fails_check_dump_stops_the_demo(distilled, street, tmp_path):
+    teacher_run = Path(distilled.teacher.run_dir)
+    bad = tmp_path / "teacher_dump" / Path(distilled.dump.dir).name
+    shutil.copytree(distilled.dump.dir, bad)
+    entry = Manifest.load(bad, "train").samples[0]
+    (bad / entry.files[VOXEL]).write_bytes(b"not a compact file")  # its marker still says done: no re-dump
+    with pytest.raises(OccDistillError, match=rf"check-dump {bad}: 1 problem\(s\), e.g. {entry.key}"):
+        dump_and_check(teacher_run, street, tmp_path / "teacher_dump")
+
+
+def test_teacher_steps_may_be_zero_but_not_negative():
+    assert DemoConfig().teacher_steps > 0 and DemoConfig(teacher_steps=0).teacher_steps == 0
+    with pytest.raises(ValueError, match="teacher_steps must be >= 0"):
+        DemoConfig(teacher_steps=-1)

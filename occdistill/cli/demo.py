@@ -2,8 +2,10 @@
 
 It generates a street (Occ3D-nuScenes layout) and a room (Occ-ScanNet layout) dataset, reads them
 back through the real-format readers, measures projection consistency with and without
-augmentation, draws the visual checks, trains and evaluates the dense student, profiles it, and
-exports it (ONNX parity, engines side by side, a navigation costmap); see occdistill.pipeline.demo.
+augmentation, draws the visual checks, trains and evaluates the dense student, profiles it, exports
+it (ONNX parity, engines side by side, a navigation costmap), trains the dense teacher, dumps and
+checks its targets, trains the distilled student and compares the three, and trains the sparse-query
+student on the room; see occdistill.pipeline.demo.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from occdistill.pipeline.deployment import DeploySection, deploy_markdown
+from occdistill.pipeline.distillation import DistillSection, distill_markdown
 from occdistill.pipeline.sparse import SparseSection, sparse_markdown
 from occdistill.pipeline.student import StudentBench, StudentResult, bench_markdown, student_markdown
 from occdistill.pipeline.world import DatasetCheck, checks_markdown
@@ -19,7 +20,12 @@ class DemoResults:
     student: StudentResult | None = None
     bench: StudentBench | None = None
     deploy: DeploySection | None = None
+    distillation: DistillSection | None = None  # needs the plain student: it is compared with it
     sparse: SparseSection | None = None
+
+    def __post_init__(self) -> None:
+        if self.distillation is not None and self.student is None:
+            raise ValueError("the distillation section compares with the plain student: it needs the student")
 
 
 def report_markdown(results: DemoResults, out: Path, *, seed: int, deploy_compile: bool) -> str:
@@ -37,6 +43,8 @@ def report_markdown(results: DemoResults, out: Path, *, seed: int, deploy_compil
         lines += bench_markdown(results.bench)
     if results.deploy is not None:
         lines += deploy_markdown(results.deploy, deploy_compile, out)
+    if results.distillation is not None:
+        lines += distill_markdown(results.distillation, results.student)
     if results.sparse is not None:
         lines += sparse_markdown(results.sparse, out)
     lines += ["", f"Configuration: `config.yaml`. Numbers: `report.json`. Seed {seed}.", ""]

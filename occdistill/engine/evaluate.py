@@ -32,8 +32,6 @@ from occdistill.engine.distributed import DistContext, metric_device
 from occdistill.engine.tasks import predict_labels, predict_scores, temporal_frames
 from occdistill.errors import ConfigError
 from occdistill.io import atomic_save_npz
-from occdistill.metrics.flicker import OCC3D_DYNAMIC_CLASSES
-from occdistill.nn.voxel_filter import VoxelScoreFilter
 from occdistill.metrics import (
     FlickerAccumulator,
     Occ3DAccumulator,
@@ -43,6 +41,8 @@ from occdistill.metrics import (
     occ3d_report,
     occscannet_report,
 )
+from occdistill.metrics.flicker import OCC3D_DYNAMIC_CLASSES
+from occdistill.nn.voxel_filter import VoxelScoreFilter
 
 
 @torch.no_grad()

@@ -96,6 +96,13 @@ def invert_rigid(t: Array) -> Array:
 
 def transform_points(b_from_a: Array, points_a: Array) -> Array:
     """Apply a (4, 4) transform to points (..., 3) -> (..., 3). Differentiable for torch inputs."""
+    if isinstance(points_a, np.ndarray):
+        # Elementwise, not ``@``: numpy's (N, 3) @ (3, 3) goes through the BLAS, whose thread pool on
+        # a loaded machine (loader workers beside training) took 380-800 ms for the 640k voxel
+        # centres of an Occ3D grid, 4-50x the elementwise form (measured). Each output is the same
+        # three products and two sums, so the results agree to rounding.
+        r, t = np.asarray(b_from_a)[:3, :3], np.asarray(b_from_a)[:3, 3]
+        return points_a[..., 0:1] * r[:, 0] + points_a[..., 1:2] * r[:, 1] + points_a[..., 2:3] * r[:, 2] + t
     return points_a @ b_from_a[:3, :3].T + b_from_a[:3, 3]
 
 

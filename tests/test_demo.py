@@ -314,6 +314,10 @@ def test_report_has_the_teacher_plain_distilled_table_and_json(distilled, traine
     ratio = distilled.dump.seed_fp16_bytes / distilled.dump.compact_bytes
     assert f"| 1/{ratio:.0f} |" in section and "| dump-teacher (2 frames) |" in section
     assert "| **stage total** |" in section and "| check-dump |" in section
+    absent = {c for c, v in student.baselines["all-free"]["per_class"].items() if v is None}
+    assert absent and set(distilled.rows[0].per_class) > absent
+    for cls in distilled.rows[0].per_class:  # per-class rows: the classes of the val GT only
+        assert (f"| {cls} | " in section) == (cls not in absent), cls
     saved = json.loads(atomic_write_json(tmp_path / "report.json", {"distillation": asdict(distilled)}).read_text())
     back = saved["distillation"]
     assert [r["mIoU"] for r in back["rows"]] == [r.mIoU for r in distilled.rows]

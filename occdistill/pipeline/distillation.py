@@ -328,8 +328,9 @@ def distill_markdown(s: DistillSection, plain: StudentResult) -> list[str]:
         lines.append(f"The distilled student runs {speedup:.1f}x faster than the teacher on this input.")
     lines += ["", "Per-class IoU (classes present in the val split):", "",
               "| class | " + " | ".join(r.name for r in s.rows) + " |", "|---|" + "---|" * len(s.rows)]
+    present = plain.baselines["all-free"]["per_class"]  # as in the student's table: None = absent from the val GT
     for cls in plain_row.per_class:
-        if cls in plain.present_classes:
+        if present[cls] is not None:
             lines.append(f"| {cls} | " + " | ".join(pct(r.per_class[cls]) for r in s.rows) + " |")
     lines += [
         "",

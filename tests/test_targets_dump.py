@@ -16,7 +16,8 @@ from occdistill.data.labels import load_occ3d_labels
 from occdistill.data.occ3d import Occ3DDataset
 from occdistill.data.synth import generate
 from occdistill.errors import DataError, OccDistillError
-from occdistill.targets import DumpOptions, Manifest, TeacherInfo, TeacherPrediction, dump_targets
+from occdistill.targets import (DumpOptions, Manifest, TeacherInfo, TeacherPrediction, TeacherTargets, check_dump,
+                                dump_targets)
 from occdistill.targets import compact, seed_format
 from occdistill.targets.collapse import collapse_bev
 from occdistill.targets.pairing import gt_sha256
@@ -78,7 +79,7 @@ def test_dump_writes_seed_and_compact_files_and_a_manifest_that_pairs_them_with_
         logits = seed_format.read_fp16_npz(out / entry.files["voxel_fp16"], "logits").astype(np.float32)
         probs = torch.from_numpy(logits).softmax(-1).numpy()
         decoded = compact.decode_probs((out / entry.files["voxel"]).read_bytes())
-        assert np.abs(decoded - probs).max() < 2.5 / 255 + 2e-3  # codec bound + fp16 of the logits
+        assert np.abs(decoded - probs).max() < 2 / 255 + 2e-3  # dense-u8 bound at tau 1/255 + fp16 of the logits
         bev = seed_format.read_fp16_npz(out / entry.files["bev_fp16"], "prob").astype(np.float32)
         np.testing.assert_allclose(bev, collapse_bev(probs, 17), atol=2e-3)
         assert compact.decode_feature((out / entry.files["bev_feature"]).read_bytes()).shape == (FEATURE_C, 24, 24)
@@ -125,6 +126,29 @@ def test_a_directory_of_another_teacher_is_refused_unless_overwritten(dataset, t
         dump_targets(label_teacher, dataset, out, other, options())
     result = dump_targets(label_teacher, dataset, out, other, options(overwrite=True))
     assert result.written == 4 and Manifest.load(out).teacher.checkpoint_sha256 == "b" * 64
+
+
+def test_each_compact_codec_is_written_on_request_checked_and_loaded(dataset, tmp_path):
+    bda = np.diag([-1.0, 1.0, 1.0, 1.0])  # an x mirror: the loader decodes into its reused buffer
+    decoded = {}
+    for codec in compact.PROBS_CODECS:
+        out = tmp_path / codec
+        dump_targets(label_teacher, dataset, out, TEACHER, options(codec=codec))
+        m = Manifest.load(out)
+        for name in ("voxel", "bev"):
+            assert m.artefacts[name].encoding == codec and m.artefacts[name].tau == compact.DEFAULT_TAUS[codec]
+            assert compact.read_header((out / m.samples[0].files[name]).read_bytes())["codec"] == codec
+        assert check_dump(out, dataset) == []
+        targets = TeacherTargets(out, dataset)
+        plain, moved = targets.load(1), targets.load(1, bda)
+        torch.testing.assert_close(moved.voxel_probs, plain.voxel_probs.flip(0), rtol=0, atol=0)
+        decoded[codec] = plain.voxel_probs
+    # Both within their error bounds (2/255 and 2.5/255 at the default taus) of the same teacher.
+    assert float((decoded["dense-u8"] - decoded["topset-u8"]).abs().max()) <= 4.5 / 255
+    with pytest.raises(OccDistillError, match="other settings .*differs in artefacts"):
+        dump_targets(label_teacher, dataset, tmp_path / "dense-u8", TEACHER, options(codec="topset-u8"))
+    with pytest.raises(OccDistillError, match="codec 'zlib' must be one of dense-u8, topset-u8"):
+        options(codec="zlib")
 
 
 def test_bad_teacher_outputs_are_errors_naming_the_sample(dataset, tmp_path):

@@ -133,5 +133,9 @@ def test_dump_teacher_external_cli_hashes_the_checkpoint_and_runs_in_two_process
     m = Manifest.load(tmp_path / "one", "occdistill_infos_val")
     assert m.teacher.checkpoint_sha256 == hashlib.sha256(b"pretend weights").hexdigest()
     assert m.artefacts["voxel_fp16"].array_key == "prob"
+    assert m.artefacts["voxel"].encoding == "dense-u8" and m.artefacts["voxel"].tau == 1 / 255
     assert main([*common, "--out", str(tmp_path / "two"), "--procs", "2"]) == 0
     assert tree(tmp_path / "two") == tree(tmp_path / "one")
+    assert main([*common, "--out", str(tmp_path / "topset"), "--codec", "topset-u8", "--tau", "0.01"]) == 0
+    m = Manifest.load(tmp_path / "topset", "occdistill_infos_val")
+    assert m.artefacts["bev"].encoding == "topset-u8" and m.artefacts["bev"].tau == 0.01

@@ -35,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default="compact",
                         help="comma-separated: compact (ours, default) and/or seed (fp16 npz of seed 000)")
     parser.add_argument("--split-name", help="split name in the dump (default: train/val, or the split file's stem)")
-    parser.add_argument("--tau", type=float, help="compact codec error bound (default 2/255)")
+    parser.add_argument("--codec", choices=("dense-u8", "topset-u8"), default="dense-u8",
+                        help="compact probability codec: dense-u8 (default: decodes fast for every teacher) or "
+                             "topset-u8 (smaller for very confident teachers, slow for soft ones)")
+    parser.add_argument("--tau", type=float,
+                        help="compact codec error bound parameter (default: 1/255 for dense-u8, 2/255 for topset-u8)")
     parser.add_argument("--z-band", metavar="LO:HI", help="BEV collapse over z-layers LO..HI-1 only (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="base of the per-sample seeds (default 0)")
     parser.add_argument("--shard", metavar="I/N", help="dump the I-th of N shares of the split (0-based)")
@@ -82,7 +86,6 @@ def _shard(text: str | None):
 
 def _options(args: argparse.Namespace, split: str, shard, bev_channels: int | None):
     from occdistill.errors import OccDistillError
-    from occdistill.targets.compact import DEFAULT_TAU
     from occdistill.targets.dump import DumpOptions
 
     band = None
@@ -96,7 +99,7 @@ def _options(args: argparse.Namespace, split: str, shard, bev_channels: int | No
         raise OccDistillError("--workers must be >= 0")
     return DumpOptions(
         split=split, formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
-        bev_feature_channels=bev_channels, tau=DEFAULT_TAU if args.tau is None else args.tau, z_band=band,
+        bev_feature_channels=bev_channels, codec=args.codec, tau=args.tau, z_band=band,
         seed=args.seed, shard=shard, workers=args.workers, overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -31,7 +31,7 @@ from occdistill.targets import compact, seed_format
 from occdistill.targets.manifest import Artefact, Manifest, SampleEntry
 from occdistill.targets.pairing import dataset_gt_sha256, sample_keys
 
-SUM_TOLERANCE = {compact.PROBS_CODEC: 1e-4, seed_format.ENCODING: 2e-3}
+SUM_TOLERANCE = {**dict.fromkeys(compact.PROBS_CODECS, 1e-4), seed_format.ENCODING: 2e-3}
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,17 @@ class TeacherPrediction:
 class DumpOptions:
     """``formats``: "compact" (ours, what the loader prefers) and/or "seed" (fp16 npz, seed 000).
     ``bev_feature_channels``: C of the teacher BEV feature to store, None for none.
-    ``tau``: the compact codec's error bound (:mod:`compact`). ``z_band``: BEV collapse layers.
+    ``codec``: the compact probability codec (:data:`compact.PROBS_CODECS`; default dense-u8, the
+    one that decodes fast for every kind of teacher; topset-u8 is smaller for very confident ones).
+    ``tau``: its error bound parameter (None: the codec's default, :data:`compact.DEFAULT_TAUS`).
+    ``z_band``: BEV collapse layers.
     ``shard``: (i, n). ``workers``: data loader processes. ``overwrite``: redo samples already done."""
 
     split: str
     formats: tuple[str, ...] = ("compact",)
     bev_feature_channels: int | None = None
-    tau: float = compact.DEFAULT_TAU
+    codec: str = compact.DENSE_CODEC
+    tau: float | None = None
     z_band: tuple[int, int] | None = None
     seed: int = 0
     shard: tuple[int, int] = (0, 1)
@@ -95,6 +99,8 @@ class DumpOptions:
             raise OccDistillError("bev_feature_channels must be >= 1")
         if self.workers < 0:
             raise OccDistillError("workers must be >= 0")
+        if self.codec not in compact.PROBS_CODECS:
+            raise OccDistillError(f"codec {self.codec!r} must be one of {', '.join(compact.PROBS_CODECS)}")
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,10 @@ def build_header(dataset, teacher: TeacherInfo, options: DumpOptions) -> Manifes
     split = options.split
     arts: dict[str, Artefact] = {}
     if "compact" in options.formats:
-        tau = float(options.tau)
+        codec = options.codec
+        tau = compact.DEFAULT_TAUS[codec] if options.tau is None else float(options.tau)
         if not 0 < tau <= 1.0 / k:
             raise OccDistillError(f"tau {tau} must be in (0, 1/K = {1.0 / k:.4f}] for {k} classes")
-        codec = compact.PROBS_CODEC
         arts[VOXEL] = Artefact("compact/{split}/{key}_3d_prob.occt", codec, "prob", (x, y, z, k), tau=tau)
         arts[BEV] = Artefact("compact/{split}/{key}_bev_prob.occt", codec, "prob", (x, y, k), tau=tau)
     if "seed" in options.formats:
@@ -233,9 +239,9 @@ class DumpWriter:
         for name, art in h.artefacts.items():
             rel = art.file(h.split, key)
             if name == VOXEL:
-                data = compact.encode_probs(probs_np, h.classes.free_index, art.tau)
+                data = compact.encode_probs(probs_np, h.classes.free_index, art.tau, art.encoding)
             elif name == BEV:
-                data = compact.encode_probs(bev, h.classes.free_index, art.tau)
+                data = compact.encode_probs(bev, h.classes.free_index, art.tau, art.encoding)
             elif name == VOXEL_FP16:
                 data = seed_format.encode_fp16_npz(voxel.cpu().numpy(), art.array_key)
             elif name == BEV_FP16:

@@ -129,7 +129,7 @@ class TeacherTargets:
         if not path.is_file():
             raise DataError(f"{where}: file not found")
         try:
-            if reuse and art.encoding == compact.PROBS_CODEC:
+            if reuse and art.encoding in compact.PROBS_CODECS:
                 arr = _decode_reusing(path.read_bytes(), art.shape)
             else:
                 arr = read_artefact(path, art)
@@ -182,10 +182,10 @@ _DECODE_BUFFERS = threading.local()
 
 
 def _decode_reusing(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """Decode ``topset-u8`` bytes into the calling thread's reused float32 buffer (one per thread,
-    as large as the largest target decoded so: 46 MB at the Occ3D grid). The result is
-    overwritten by the next call in the thread. A file whose shape is not ``shape`` is decoded
-    into a new array (the caller reports the mismatch)."""
+    """Decode compact probability bytes (any codec) into the calling thread's reused float32
+    buffer (one per thread, as large as the largest target decoded so: 46 MB at the Occ3D grid).
+    The result is overwritten by the next call in the thread. A file whose shape is not ``shape``
+    is decoded into a new array (the caller reports the mismatch)."""
     header = compact.read_header(data)
     try:
         fits = [int(s) for s in header["shape"]] == list(shape)

@@ -30,7 +30,7 @@ MANIFEST_PREFIX = "manifest_"
 
 # Artefact names. "voxel"/"bev" are the compact probabilities, "*_fp16" the seed-compatible files.
 VOXEL, BEV, VOXEL_FP16, BEV_FP16, BEV_FEATURE = "voxel", "bev", "voxel_fp16", "bev_fp16", "bev_feature"
-ENCODINGS = {compact.PROBS_CODEC, compact.FEATURE_CODEC, seed_format.ENCODING}
+ENCODINGS = {*compact.PROBS_CODECS, compact.FEATURE_CODEC, seed_format.ENCODING}
 TeacherValue = Literal["prob", "logit"]
 
 
@@ -93,7 +93,7 @@ class ClassSpec:
 class Artefact:
     """One kind of file per sample. ``path``: template with ``{split}`` and ``{key}``;
     ``value``: what the file stores (``prob``, ``logit`` or ``feature``); ``array_key``: the
-    array's name in npz files; ``tau``: the error bound parameter of ``topset-u8`` files."""
+    array's name in npz files; ``tau``: the error bound parameter of compact probability files."""
 
     path: str
     encoding: str
@@ -268,8 +268,8 @@ def _parse(obj: Any, where: str) -> Manifest:
             raise DataError(f"{w}: shape {list(art.shape)} is not (C, {grid.shape[0]}, {grid.shape[1]})")
         if art.encoding == seed_format.ENCODING and not art.array_key:
             raise DataError(f"{w}: npz artefacts need an array_key")
-        if art.encoding == compact.PROBS_CODEC and not (isinstance(art.tau, float) and 0 < art.tau < 0.5):
-            raise DataError(f"{w}: {compact.PROBS_CODEC} artefacts need their tau (0 < tau < 0.5)")
+        if art.encoding in compact.PROBS_CODECS and not (isinstance(art.tau, float) and 0 < art.tau < 0.5):
+            raise DataError(f"{w}: {art.encoding} artefacts need their tau (0 < tau < 0.5)")
         artefacts[name] = art
     if not artefacts:
         raise DataError(f"{where}: no artefacts")

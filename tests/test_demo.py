@@ -279,7 +279,7 @@ def test_distillation_stage_dumps_checks_and_trains_the_distilled_student(distil
     assert s.distill_overrides == (f"distill.dump={d.dir}", *DISTILL_SETTINGS)
     last = [r for r in read_records(Path(s.distilled.run_dir) / "log.jsonl") if r["type"] == "train"][-1]
     assert last["mfd"] > 0 and last["cwd"] > 0
-    # The plain student's run is the one compared, untouched.
+    # The table compares exactly these three runs.
     assert [r.name for r in s.rows] == ["teacher", "plain student", "distilled student"]
     teacher, plain, dist = s.rows
     assert plain.mIoU == student.metrics["mIoU"] and dist.mIoU == s.distilled.metrics["mIoU"]

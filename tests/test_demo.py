@@ -272,6 +272,7 @@ def test_distillation_stage_dumps_checks_and_trains_the_distilled_student(distil
     assert d.check_passed and d.samples == len(train_set) == 2 and check_dump(d.dir, train_set, "train") == []
     assert Manifest.load(d.dir, "train").teacher.name.startswith("dense step 3 (ema weights)")
     assert 0 < d.compact_bytes < d.seed_fp16_bytes and d.feature_bytes > 0
+    assert d.compact_codec == Manifest.load(d.dir, "train").artefacts[VOXEL].encoding != "npz-fp16"
     # The distilled student read that dump with the ablation's MFD + CWD weights, and both terms were trained.
     cfg = load_config(TrainConfig, Path(s.distilled.run_dir) / "config.yaml")
     assert cfg.distill.dump == d.dir and cfg.distill.dump_source == "compact"
@@ -312,7 +313,8 @@ def test_report_has_the_teacher_plain_distilled_table_and_json(distilled, traine
         assert cells[6] == f"{r.params / 1e6:.2f} M" and cells[7].startswith(f"{r.latency_median_ms:.1f} (")
     assert "**passed**" in section and f"{distilled.dump.samples} samples" in section
     ratio = distilled.dump.seed_fp16_bytes / distilled.dump.compact_bytes
-    assert f"| 1/{ratio:.0f} |" in section and "| dump-teacher (2 frames) |" in section
+    assert f"| compact `{distilled.dump.compact_codec}`: " in section and f"| 1/{ratio:.0f} |" in section
+    assert "| dump-teacher (2 frames) |" in section
     assert "| **stage total** |" in section and "| check-dump |" in section
     absent = {c for c, v in student.baselines["all-free"]["per_class"].items() if v is None}
     assert absent and set(distilled.rows[0].per_class) > absent

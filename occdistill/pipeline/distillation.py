@@ -70,7 +70,8 @@ class TeacherDump:
     samples: int
     teacher: str  # the manifest's teacher name (kind, step, weights)
     teacher_checkpoint_sha256: str
-    compact_bytes: float  # voxel + BEV probabilities, compact (topset-u8): what the student reads
+    compact_codec: str  # dump-teacher's default compact probability codec
+    compact_bytes: float  # voxel + BEV probabilities in it: what the student reads
     seed_fp16_bytes: float  # voxel logits + BEV probabilities, seed 000's fp16 npz
     feature_bytes: float  # the BEV feature (the MFD target), compact
     check_passed: bool  # True in every report: a failed check stops the demo
@@ -190,6 +191,7 @@ def dump_and_check(teacher_run: Path, world: SynthResult, dump_root: Path) -> Te
     return TeacherDump(
         dir=str(dump_dir), split=DUMP_SPLIT, samples=len(manifest.samples), teacher=manifest.teacher.name,
         teacher_checkpoint_sha256=manifest.teacher.checkpoint_sha256,
+        compact_codec=manifest.artefacts[VOXEL].encoding,
         compact_bytes=_bytes_per_frame(dump_dir, manifest, (VOXEL, BEV)),
         seed_fp16_bytes=_bytes_per_frame(dump_dir, manifest, (VOXEL_FP16, BEV_FP16)),
         feature_bytes=_bytes_per_frame(dump_dir, manifest, (BEV_FEATURE,)),
@@ -338,7 +340,7 @@ def distill_markdown(s: DistillSection, plain: StudentResult) -> list[str]:
         "",
         "| targets | bytes per frame | vs seed fp16 |",
         "|---|---|---|",
-        f"| compact: 3D + BEV probabilities (what the student reads) | {_mb(d.compact_bytes)} | "
+        f"| compact `{d.compact_codec}`: 3D + BEV probabilities (what the student reads) | {_mb(d.compact_bytes)} | "
         f"1/{d.seed_fp16_bytes / d.compact_bytes:.0f} |",
         f"| seed fp16 npz: 3D logits + BEV probabilities (written for this comparison only) | "
         f"{_mb(d.seed_fp16_bytes)} | 1 |",

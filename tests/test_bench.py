@@ -274,8 +274,14 @@ def test_side_by_side_engine_only_reports_missing_files(model):
     from occdistill.deploy.bench import format_side_by_side, side_by_side
 
     rig = nuscenes_rig(model.cfg.image_size)
-    result = side_by_side(model, rig, variants=["eager@1", "eager@2", "ort-fp32@1"], repeats=2, warmup=0,
-                          threads=1, measure_memory=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # eager@1 runs last of the eager variants: without the restore, 1 thread would be left set
+        result = side_by_side(model, rig, variants=["eager@2", "eager@1", "ort-fp32@1"], repeats=2, warmup=0,
+                              threads=1, measure_memory=False)
+        assert torch.get_num_threads() == 2  # the caller's thread setting is restored
+    finally:
+        torch.set_num_threads(before)
     rows = {v.name: v for v in result.variants}
     assert rows["eager@1"].ok and rows["eager@2"].ok and rows["eager@1"].end_to_end_median_ms is None
     assert not rows["ort-fp32@1"].ok and "no fp32 ONNX file" in rows["ort-fp32@1"].error

@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_with_status_2(tmp_path, args, message):
 def test_demo_writes_report_pngs_and_passes_its_checks(tmp_path):
     out = tmp_path / "demo"
     res = run_cli("demo", "--out", str(out), "street_scenes=1", "street_frames=2", "room_frames=2", "augmented_views=1",
-                  "train_steps=2")
+                  "train_steps=2", "teacher_steps=0")  # the teacher stage has its own tests (test_demo.py)
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert (out / "README.md").is_file() and (out / "config.yaml").is_file()

@@ -1344,6 +1344,7 @@ def side_by_side(
     if not any(e == "eager" for e, _ in specs):
         raise OccDistillError("the side-by-side needs an eager variant (the reference and the baseline)")
     was_training, original_plan = model.training, model.view_transform.fixed_pool
+    original_threads = torch.get_num_threads()  # each variant sets its own; the caller gets its setting back
     model.eval()
     try:
         return _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, input_format, batch, threads,
@@ -1351,6 +1352,7 @@ def side_by_side(
     finally:
         model.view_transform.fixed_pool = original_plan
         model.train(was_training)
+        torch.set_num_threads(original_threads)
 
 
 def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, input_format, batch, threads, repeats,

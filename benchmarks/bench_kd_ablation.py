@@ -69,18 +69,18 @@ from typing import Any, Sequence
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: the workers inherit it
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from occdistill.distill.recipe import MFD_CWD_COMMON  # noqa: E402  (after the thread settings above)
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 STUDENT_CONFIG = "street-tiny"
 VARIANTS = ("no_kd", "mfd", "cwd", "both", "both_fp16")
 DISTILLED_VARIANT = "both"  # declared up front: the headline distilled student
-# Shared by every distilled variant: MFD (PKD normalisation, GT-occupied cells dilated by 1) on the
-# teacher's MFD target (TEACHERS), CWD on per-voxel log-probabilities at tau 1, camera-visible
-# voxels only, no Hinton KD.
-KD_COMMON = ("distill.dense.mfd_normalize=true", "distill.dense.mfd_dilation=1",
-             "distill.dense.tau_cwd=1.0", "distill.dense.cwd_space=log_prob", "distill.dense.camera_mask=true",
-             "distill.dense.lambda_kd=0")
+# Shared by every distilled variant (occdistill.distill.recipe, also the main job's): MFD (PKD
+# normalisation, GT-occupied cells dilated by 1) on the teacher's MFD target (TEACHERS), CWD on
+# per-voxel log-probabilities at tau 1, camera-visible voxels only, no Hinton KD.
+KD_COMMON = MFD_CWD_COMMON
 LAMBDA_FEAT, LAMBDA_LOGIT = 1.0, 1.0
 VARIANT_KD = {  # variant -> (lambda_feat, lambda_logit, dump_source); None = no teacher
     "no_kd": None,

@@ -27,6 +27,7 @@ from occdistill.data.synth import SynthResult
 from occdistill.deploy.bench import BenchResult, benchmark, dataset_inputs, load_bench_model, open_bench_dataset
 from occdistill.engine.checkpoint import EMA_WEIGHTS, META, WEIGHTS, find_checkpoint
 from occdistill.errors import OccDistillError
+from occdistill.distill.recipe import MFD_CWD_COMMON
 from occdistill.pipeline.markdown import ms_cell, pct
 from occdistill.pipeline.student import BENCH_WARMUP, StudentResult, demo_train_config, train_resumed
 from occdistill.targets.check import check_dump
@@ -38,10 +39,8 @@ DUMP_SPLIT = "train"
 # feature through a 1x1 adapter, PKD-normalised, on GT-occupied BEV cells dilated by 1; CWD on
 # per-voxel log-probabilities at tau 1 over camera-visible voxels; unit weights; no Hinton KD.
 DISTILL_SETTINGS = (
-    "distill.dump_source=compact", "distill.dense.mfd_target=feature", "distill.dense.mfd_normalize=true",
-    "distill.dense.mfd_dilation=1", "distill.dense.tau_cwd=1.0", "distill.dense.cwd_space=log_prob",
-    "distill.dense.camera_mask=true", "distill.dense.lambda_kd=0", "distill.dense.lambda_feat=1.0",
-    "distill.dense.lambda_logit=1.0",
+    "distill.dump_source=compact", "distill.dense.mfd_target=feature", *MFD_CWD_COMMON,
+    "distill.dense.lambda_feat=1.0", "distill.dense.lambda_logit=1.0",
 )
 # One intra-op thread for the three latencies: on a shared 2-core machine one thread is what the
 # other users' load disturbs least, and benchmarks/bench_kd_ablation.py times its ratio the same way.

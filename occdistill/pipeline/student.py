@@ -26,12 +26,14 @@ CKPT_EVERY = 50  # optimiser steps between checkpoints: what an interrupted demo
 def demo_train_config(config: str, world: SynthResult, steps: int, seed: int,
                       overrides: Sequence[str] = ()) -> TrainConfig:
     """``config`` (a built-in name or YAML path) on ``world``'s train/val splits for ``steps`` optimiser
-    steps with ``seed``, evaluated once at the end, plus ``overrides``."""
+    steps with ``seed``, evaluated once at the end, plus ``overrides``. One checkpoint is kept (the
+    latest, enough to resume): the teacher's are 160 MB each."""
     return load_train_config(
         config,
         [f"data.root={world.out}", f"data.train_split={world.splits['train']}",
          f"data.val_split={world.splits['val']}", f"optim.max_steps={steps}",
-         f"runtime.seed={seed}", "runtime.eval_every=0", f"runtime.ckpt_every={CKPT_EVERY}", *overrides],
+         f"runtime.seed={seed}", "runtime.eval_every=0", f"runtime.ckpt_every={CKPT_EVERY}",
+         "runtime.keep_checkpoints=1", *overrides],
     )
 
 

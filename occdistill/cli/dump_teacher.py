@@ -119,7 +119,6 @@ def _stored_split(args: argparse.Namespace) -> str | None:
     return None if args.infos is None else str(args.infos)
 
 
-
 def _dump_checkpoint(args: argparse.Namespace, shard):
     """One share of a checkpoint teacher's dump."""
     import json

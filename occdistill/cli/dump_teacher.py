@@ -121,67 +121,11 @@ def _stored_split(args: argparse.Namespace) -> str | None:
 
 def _dump_checkpoint(args: argparse.Namespace, shard):
     """One share of a checkpoint teacher's dump."""
-    import json
+    from occdistill.targets.checkpoint_dump import dump_checkpoint
 
-    import torch
-
-    from occdistill.data.sample import collate
-    from occdistill.engine.checkpoint import EMA_WEIGHTS, META, WEIGHTS, load_checkpoint, load_weights
-    from occdistill.engine.data import model_grid, open_split
-    from occdistill.engine.distributed import DistContext, resolve_device
-    from occdistill.engine.objective import forward_batch
-    from occdistill.engine.precision import autocast
-    from occdistill.errors import OccDistillError
-    from occdistill.models.build import build_model
-    from occdistill.targets.dump import TeacherPrediction, dump_targets
-    from occdistill.targets.manifest import TeacherInfo
-
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt.config
-    if args.split in ("train", "val"):
-        dataset = open_split(cfg.data, args.split, augment=False, grid=model_grid(cfg.model), root=args.data)
-    else:
-        dataset = open_split(cfg.data, "val", augment=False, grid=model_grid(cfg.model), root=args.data,
-                             split_path=args.split)
-    model = build_model(cfg.model)
-    use_ema = args.weights == "ema" and ckpt.ema_weights is not None
-    load_weights(model, ckpt.ema_weights if use_ema else ckpt.weights, ckpt.path)
-    device = resolve_device(args.device, DistContext(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
-    model.eval().to(device)
-
-    @torch.no_grad()
-    def forward(sample):
-        with autocast(device, cfg.runtime.amp):
-            return forward_batch(model, collate([sample]).to(device))
-
-    # One probe forward tells what the model emits (probabilities, e.g. a Gaussian teacher, or
-    # logits) and the BEV feature's channels, whatever the model kind.
-    probe = forward(dataset[0])
-    probs_out = getattr(probe, "voxel_probs", None) is not None
-    bev_channels = None
-    if args.bev_feature:
-        feature = getattr(probe, "bev_feature", None)
-        if feature is None:
-            raise OccDistillError(f"{ckpt.path}: model kind {cfg.model.kind!r} has no BEV feature to store")
-        bev_channels = int(feature.shape[1])
-    meta = json.loads((ckpt.path / META).read_text())
-    teacher = TeacherInfo(
-        name=f"{cfg.model.kind} step {ckpt.step} ({'ema' if use_ema else 'model'} weights)",
-        checkpoint=str(ckpt.path),
-        checkpoint_sha256=meta["sha256"][EMA_WEIGHTS if use_ema else WEIGHTS],
-        value_kind="prob" if probs_out else "logit",
-    )
-
-    def predict(sample):
-        out = forward(sample)
-        voxel = (out.voxel_probs if probs_out else out.voxel_logits)[0].float()
-        if probs_out:  # reduced-precision (amp) probabilities: restore exact sums
-            voxel = voxel.clamp_min(0) / voxel.clamp_min(0).sum(dim=-1, keepdim=True)
-        feature = out.bev_feature[0].float() if bev_channels is not None else None
-        return TeacherPrediction(voxel=voxel, value_kind=teacher.value_kind, bev_feature=feature)
-
-    options = _options(args, _split_name(args, _stored_split(args)), shard, bev_channels)
-    return dump_targets(predict, dataset, args.out, teacher, options)
+    options = _options(args, _split_name(args, _stored_split(args)), shard, None)
+    return dump_checkpoint(args.checkpoint, args.split, args.out, options, bev_feature=args.bev_feature,
+                           weights=args.weights, device=args.device, data_root=args.data)
 
 
 def _dump_external(args: argparse.Namespace, shard):

@@ -11,7 +11,6 @@ timed at batch 1 on the same input in this run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -25,12 +24,14 @@ import torch
 from occdistill.data.build import open_dataset
 from occdistill.data.synth import SynthResult
 from occdistill.deploy.bench import BenchResult, benchmark, dataset_inputs, load_bench_model, open_bench_dataset
+from occdistill.distill.recipe import MFD_CWD_COMMON
 from occdistill.engine.checkpoint import EMA_WEIGHTS, META, WEIGHTS, find_checkpoint
 from occdistill.errors import OccDistillError
-from occdistill.distill.recipe import MFD_CWD_COMMON
 from occdistill.pipeline.markdown import ms_cell, pct
 from occdistill.pipeline.student import BENCH_WARMUP, StudentResult, demo_train_config, train_resumed
 from occdistill.targets.check import check_dump
+from occdistill.targets.checkpoint_dump import dump_checkpoint
+from occdistill.targets.dump import DumpOptions
 from occdistill.targets.manifest import BEV, BEV_FEATURE, BEV_FP16, VOXEL, VOXEL_FP16, Manifest
 
 DUMP_SPLIT = "train"
@@ -151,16 +152,11 @@ def teacher_checkpoint_sha256(run_dir: Path) -> str:
 
 
 def _dump_teacher(teacher_run: Path, dump_dir: Path) -> None:
-    """``occdistill dump-teacher`` on the teacher's train split: compact and seed fp16 targets plus the
-    BEV feature, on the device the demo trains on, resuming a partial dump of the same teacher."""
-    from occdistill.cli import dump_teacher  # the command itself: its checkpoint path has no library twin
-
-    parser = argparse.ArgumentParser(prog="occdistill dump-teacher")
-    dump_teacher.add_arguments(parser)
-    dump_teacher.run(parser.parse_args([
-        "--checkpoint", str(teacher_run), "--split", DUMP_SPLIT, "--out", str(dump_dir),
-        "--formats", "compact,seed", "--bev-feature", "--workers", "0",
-    ]))
+    """``occdistill dump-teacher``'s checkpoint dump on the teacher's train split: compact and seed fp16
+    targets plus the BEV feature, on the device the demo trains on, resuming a partial dump of the
+    same teacher."""
+    dump_checkpoint(teacher_run, DUMP_SPLIT, dump_dir, DumpOptions(split=DUMP_SPLIT, formats=("compact", "seed")),
+                    bev_feature=True)
 
 
 def _bytes_per_frame(dump_dir: Path, manifest: Manifest, artefacts: tuple[str, ...]) -> float:

@@ -8,6 +8,8 @@
 - :mod:`~occdistill.targets.check`: ``check-dump``'s validation, typed problems.
 - :mod:`~occdistill.targets.loader`: targets paired with dataset samples and BEV-augmented.
 - :mod:`~occdistill.targets.external`: GaussianFormer-2-style outputs -> a dump.
+- :mod:`~occdistill.targets.checkpoint_dump`: a trained teacher checkpoint -> a dump (imported on
+  its own: it needs the engine, which imports this package).
 
 Format spec and usage: docs/teacher_targets.md.
 """

@@ -43,13 +43,7 @@ def tiny_config() -> DenseStudentConfig:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Timing loops of a tiny model: one intra-op thread keeps them fast on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -89,13 +89,7 @@ def build(kind: str) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Timing loops of tiny models: one intra-op thread keeps them fast on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

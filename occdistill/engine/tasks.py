@@ -251,8 +251,8 @@ def predict_scores(model: nn.Module, item: TrainItem, amp: str = "off") -> torch
     with autocast(batch.images.device, amp):
         if isinstance(model, DenseStudent):
             out = dense_forward(model, batch, item.previous)
-        else:
-            out = forward_batch(model, batch, prior_depth(model, batch))
+        else:  # a Gaussian teacher: the cameras alone (only the sparse model takes a depth prior)
+            out = forward_batch(model, batch)
     return out.voxel_logits
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_kd_ablation.py [--data outputs/bench/street]
         [--work outputs/bench/kd_ablation] [--seeds 0,1] [--student-steps 200] [--teacher-steps 420]
-        [--teacher-config street-teacher] [--procs 2] [--latency-repeats 30] [--smoke]
+        [--teacher-config street-teacher] [--procs 2] [--latency-repeats 30] [--sweep] [--smoke]
 
 On the synthetic street world (20 scenes x 8 frames, the last 3 scenes are the val split; made by
 ``generate("street", DIR, 20, 8, 0, overrides=["split.val_scenes=3"])`` when --data does not hold
@@ -24,6 +24,11 @@ it yet), with the same split, seeds and step budget for every student:
    forwards (``occdistill.deploy.bench.benchmark``), after the trainings so that only the other
    users' load remains;
 5. writes ``benchmarks/results/kd_ablation.json`` and ``kd_ablation.md``.
+
+``--sweep`` also trains, for every seed, what else was tried (:data:`SWEEP_KD`, listed before its
+runs): CWD at tau 4, 3x the CWD or the MFD weight, MFD mask dilation 0 or 3, plain MSE instead of
+PKD normalisation (each one change to ``both``) and Hinton per-voxel KD alone; reported in a
+``sweep`` section, never as the headline.
 
 Declared before any run (never picked on val): the distillation weights below (unit weights, the
 seed's loss with MFD on the teacher's BEV feature, PKD-normalised, and CWD at tau 1; at the
@@ -82,13 +87,39 @@ DISTILLED_VARIANT = "both"  # declared up front: the headline distilled student
 # per-voxel log-probabilities at tau 1, camera-visible voxels only, no Hinton KD.
 KD_COMMON = MFD_CWD_COMMON
 LAMBDA_FEAT, LAMBDA_LOGIT = 1.0, 1.0
-VARIANT_KD = {  # variant -> (lambda_feat, lambda_logit, dump_source); None = no teacher
+
+
+@dataclass(frozen=True)
+class KDVariant:
+    """A distilled student's loss weights, target file and recipe changes (``distill.dense.*``
+    overrides applied after :data:`KD_COMMON`, so they replace its values)."""
+
+    lambda_feat: float
+    lambda_logit: float
+    source: str  # distill.dump_source: "compact" or "fp16"
+    changes: tuple[str, ...] = ()
+
+
+VARIANT_KD: dict[str, KDVariant | None] = {  # None = no teacher
     "no_kd": None,
-    "mfd": (LAMBDA_FEAT, 0.0, "compact"),
-    "cwd": (0.0, LAMBDA_LOGIT, "compact"),
-    "both": (LAMBDA_FEAT, LAMBDA_LOGIT, "compact"),
-    "both_fp16": (LAMBDA_FEAT, LAMBDA_LOGIT, "fp16"),
+    "mfd": KDVariant(LAMBDA_FEAT, 0.0, "compact"),
+    "cwd": KDVariant(0.0, LAMBDA_LOGIT, "compact"),
+    "both": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact"),
+    "both_fp16": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "fp16"),
 }
+# --sweep: what else was tried, each one change to ``both`` (or, for Hinton KD, the classic
+# per-voxel baseline alone). Listed before its runs; reported beside the ablation, never as the
+# headline (picking the best of these on val and quoting it would overstate what it buys).
+SWEEP_KD: dict[str, KDVariant] = {
+    "hinton_kd": KDVariant(0.0, 0.0, "compact", ("distill.dense.lambda_kd=1.0", "distill.dense.tau_kd=2.0")),
+    "both_tau4": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.tau_cwd=4.0",)),
+    "both_logit3": KDVariant(LAMBDA_FEAT, 3.0, "compact"),
+    "both_feat3": KDVariant(3.0, LAMBDA_LOGIT, "compact"),
+    "both_dil0": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=0",)),
+    "both_dil3": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=3",)),
+    "both_mse": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_normalize=false",)),
+}
+SWEEP_VARIANTS = tuple(SWEEP_KD)
 # Targets of the issues, and what "clearly above" means here (declared before the runs).
 CLEAR_MARGIN = 2.0  # teacher mIoU - every seed's no-KD student mIoU, in points
 GAP_TARGET = 0.5
@@ -211,15 +242,22 @@ def latency_summary(teacher_ms: float, student_ms: float, target: float = LATENC
             "target_ratio": target, "met": ratio >= target}
 
 
+def variant_kd(variant: str) -> KDVariant | None:
+    """The distillation of an ablation or sweep variant (None for no_kd)."""
+    if variant in SWEEP_KD:
+        return SWEEP_KD[variant]
+    return VARIANT_KD[variant]
+
+
 def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature") -> list[str]:
     """The student's ``distill.*`` overrides of a variant (empty for no_kd)."""
-    kd = VARIANT_KD[variant]
+    kd = variant_kd(variant)
     if kd is None:
         return []
-    feat, logit, source = kd
-    return [f"distill.dump={dump}", f"distill.dump_source={source}", *KD_COMMON,
+    return [f"distill.dump={dump}", f"distill.dump_source={kd.source}", *KD_COMMON,
             f"distill.dense.mfd_target={mfd_target}",
-            f"distill.dense.lambda_feat={feat}", f"distill.dense.lambda_logit={logit}"]
+            f"distill.dense.lambda_feat={kd.lambda_feat}", f"distill.dense.lambda_logit={kd.lambda_logit}",
+            *kd.changes]
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -439,6 +477,22 @@ def _final_train_terms(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in records[-1].items() if k not in skip}
 
 
+def _variant_report(variant: str, runs: dict[int, Path], no_kd_miou: dict[int, float]) -> dict[str, Any]:
+    """One variant's rows: its distillation, per-seed summaries, the mean ± spread of the metrics,
+    its mIoU gain over the same seed's no-KD student and the per-class IoU mean."""
+    seeds = sorted(runs)
+    per_seed = {str(s): _run_summary(runs[s]) for s in seeds}
+    mean = {k: spread([per_seed[str(s)][k] for s in seeds]) for k in ("mIoU", "IoU", "RayIoU")}
+    delta = spread([per_seed[str(s)]["mIoU"] - no_kd_miou[s] for s in seeds])
+    classes = list((per_seed[str(seeds[0])]["per_class"] or {}).keys())
+    per_class_mean = {c: spread([per_seed[str(s)]["per_class"][c] for s in seeds])["mean"] for c in classes}
+    kd = variant_kd(variant)
+    distill = None if kd is None else {"lambda_feat": kd.lambda_feat, "lambda_logit": kd.lambda_logit,
+                                       "dump_source": kd.source, "changes": list(kd.changes)}
+    return {"distill": distill, "per_seed": per_seed, "mean": mean, "mIoU_minus_no_kd": delta,
+            "per_class_mean": per_class_mean}
+
+
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "metrics.json").read_text())
     m = summary["metrics"]
@@ -517,6 +571,17 @@ def _pm(s: dict[str, Any], nd: int = 2) -> str:
     return f"{s['mean']:.{nd}f} ± {s['std']:.{nd}f}" if s["n"] > 1 else f"{s['mean']:.{nd}f}"
 
 
+def _change_text(distill: dict[str, Any]) -> str:
+    """A sweep variant's difference from ``both``: its weights where they differ, then its overrides."""
+    parts = []
+    if distill["lambda_feat"] != LAMBDA_FEAT:
+        parts.append(f"lambda_feat={distill['lambda_feat']}")
+    if distill["lambda_logit"] != LAMBDA_LOGIT:
+        parts.append(f"lambda_logit={distill['lambda_logit']}")
+    parts += [c.removeprefix("distill.dense.") for c in distill["changes"]]
+    return ", ".join(parts)
+
+
 def markdown(report: dict[str, Any]) -> str:
     h, lat, seeds = report["headline"], report["latency"], report["seeds"]
     lines = [
@@ -540,6 +605,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| student {v} | {_pm(row['mean']['mIoU'])} | {_pm(row['mean']['IoU'])} | "
                      f"{_pm(row['mean']['RayIoU'])} | "
                      + " | ".join(_fmt(row["per_seed"][str(s)]["mIoU"]) for s in seeds) + " |")
+    if report.get("sweep"):
+        lines += ["", "What else was tried (`--sweep`: one change to `both` each, or Hinton KD alone; not the headline):",
+                  "", "| variant | change | mIoU | mIoU - no_kd | RayIoU | " + " | ".join(f"mIoU seed {s}" for s in seeds)
+                  + " |", "|---|---|---|---|---|" + "---|" * len(seeds)]
+        for v, row in report["sweep"].items():
+            lines.append(f"| {v} | {_change_text(row['distill'])} | {_pm(row['mean']['mIoU'])} | {_pm(row['mIoU_minus_no_kd'])} | "
+                         f"{_pm(row['mean']['RayIoU'])} | "
+                         + " | ".join(_fmt(row["per_seed"][str(s)]["mIoU"]) for s in seeds) + " |")
     g = h["mean"]["gap_closed"]
     tg = h["targets"]
     lines += [
@@ -596,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(--smoke: WORK/kd_ablation.json)")
     parser.add_argument("--out-md", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny world, tiny models, 2-3 steps (tests)")
+    parser.add_argument("--sweep", action="store_true", help="also train the sweep variants (SWEEP_KD: temperature, "
+                        "weights, mask dilation, MFD normalisation, Hinton KD), after the ablation's")
     args = parser.parse_args(argv)
     if not 1 <= args.procs <= 2:
         parser.error("--procs must be 1 or 2 (a 2-core machine)")
@@ -652,8 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     # Order = priority among ready jobs: the teacher first, the no-KD students beside it, then the
     # headline variant for every seed, then the others.
     order = [DISTILLED_VARIANT, *(v for v in VARIANTS if v not in ("no_kd", DISTILLED_VARIANT))]
+    swept = SWEEP_VARIANTS if args.sweep else ()
     jobs = [teacher, *(student("no_kd", s) for s in seeds), *shares, finalize,
-            *(student(v, s) for v in order for s in seeds)]
+            *(student(v, s) for v in (*order, *swept) for s in seeds)]
     print(f"kd ablation: {len(jobs)} jobs, {args.procs} at a time, 1 thread each; work {work}; "
           f"teacher {args.teacher_steps} steps, students {args.student_steps} steps, seeds {seeds}; "
           f"load average {load_start[0]:.1f}", flush=True)
@@ -664,20 +740,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[{_clock(t_start)}] latency: teacher vs student, batch 1, 1 thread, "
           f"{args.latency_repeats} forwards each", flush=True)
-    student_runs = {(v, s): work / "students" / f"{v}_s{s}" for v in VARIANTS for s in seeds}
+    student_runs = {(v, s): work / "students" / f"{v}_s{s}" for v in (*VARIANTS, *swept) for s in seeds}
     latency = measure_latency(teacher_run, student_runs[(DISTILLED_VARIANT, seeds[0])], args.latency_repeats, warmup)
 
     teacher_summary = _run_summary(teacher_run)
-    variants: dict[str, Any] = {}
-    for v in VARIANTS:
-        per_seed = {str(s): _run_summary(student_runs[(v, s)]) for s in seeds}
-        mean = {k: spread([per_seed[str(s)][k] for s in seeds]) for k in ("mIoU", "IoU", "RayIoU")}
-        delta = spread([per_seed[str(s)]["mIoU"] - _run_summary(student_runs[("no_kd", s)])["mIoU"] for s in seeds])
-        classes = list((per_seed[str(seeds[0])]["per_class"] or {}).keys())
-        per_class_mean = {c: spread([per_seed[str(s)]["per_class"][c] for s in seeds])["mean"] for c in classes}
-        variants[v] = {"distill": None if VARIANT_KD[v] is None else
-                       dict(zip(("lambda_feat", "lambda_logit", "dump_source"), VARIANT_KD[v])),
-                       "per_seed": per_seed, "mean": mean, "mIoU_minus_no_kd": delta, "per_class_mean": per_class_mean}
+    no_kd = {s: _run_summary(student_runs[("no_kd", s)])["mIoU"] for s in seeds}
+    variants = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in VARIANTS}
+    sweep = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in swept}
     headline = summarize(teacher_summary["mIoU"], {s: {v: variants[v]["per_seed"][str(s)]["mIoU"] for v in VARIANTS}
                                                    for s in seeds})
     lat_summary = latency_summary(latency["teacher"]["median_ms"], latency["student"]["median_ms"])
@@ -721,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         "gap_closed": headline["mean"]["gap_closed"]["mean"],
         "teacher": teacher_summary,
         "variants": variants,
+        "sweep": sweep,
         "latency": latency,
         "latency_summary": lat_summary,
         "teacher_ms": lat_summary["teacher_ms"], "student_ms": lat_summary["student_ms"],

@@ -98,6 +98,26 @@ def test_latency_summary_and_variant_overrides(bench):
         load_train_config("street-tiny", bench.variant_overrides(v, "d"))
 
 
+def test_each_sweep_variant_is_both_with_its_declared_change(bench):
+    """A sweep variant's student config differs from ``both``'s in exactly the fields its change names
+    (the later override replaces the recipe's value), and the report names that change."""
+    both = load_train_config("street-tiny", bench.variant_overrides("both", "d")).distill.dense
+    expected = {
+        "hinton_kd": {"lambda_feat": 0.0, "lambda_logit": 0.0, "lambda_kd": 1.0, "tau_kd": 2.0},
+        "both_tau4": {"tau_cwd": 4.0}, "both_logit3": {"lambda_logit": 3.0}, "both_feat3": {"lambda_feat": 3.0},
+        "both_dil0": {"mfd_dilation": 0}, "both_dil3": {"mfd_dilation": 3}, "both_mse": {"mfd_normalize": False},
+    }
+    assert set(bench.SWEEP_VARIANTS) == set(expected)
+    for v, change in expected.items():
+        cfg = load_train_config("street-tiny", bench.variant_overrides(v, "d")).distill.dense
+        differs = {k: getattr(cfg, k) for k in vars(both) if getattr(cfg, k) != getattr(both, k)}
+        assert differs == change, v
+    kd = bench.SWEEP_KD["both_logit3"]
+    text = bench._change_text({"lambda_feat": kd.lambda_feat, "lambda_logit": kd.lambda_logit,
+                               "changes": ["distill.dense.tau_cwd=4.0"]})
+    assert text == "lambda_logit=3.0, tau_cwd=4.0"
+
+
 @pytest.mark.parametrize("teacher", ["street-teacher", "street-gaussian-teacher"])
 def test_every_teacher_setup_gives_valid_configs(bench, teacher):
     """Each teacher's tiny smoke overrides load with its config, and every student variant reads the
@@ -110,9 +130,9 @@ def test_every_teacher_setup_gives_valid_configs(bench, teacher):
         assert v == "no_kd" or cfg.distill.dense.mfd_target == setup.mfd_target
 
 
-def test_smoke_run_writes_the_report(tmp_path):
+def test_smoke_run_writes_the_report(tmp_path, bench):
     work = tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--work", str(work)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--work", str(work), "--sweep"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "kd_ablation.json").read_text())
@@ -126,4 +146,10 @@ def test_smoke_run_writes_the_report(tmp_path):
     assert not {"mfd", "cwd"} & terms["no_kd"]
     assert report["latency"]["teacher"]["image_size"] == report["latency"]["student"]["image_size"]
     assert report["latency_ratio"] > 0 and (work / "dump" / "manifest_train.json").is_file()
-    assert "| student both |" in (work / "kd_ablation.md").read_text()
+    md = (work / "kd_ablation.md").read_text()
+    assert "| student both |" in md
+    # --sweep: its variants reported beside the ablation (not in it), each trained with its change
+    assert set(report["sweep"]) == set(bench.SWEEP_VARIANTS) and "| both_tau4 | tau_cwd=4.0 |" in md
+    assert report["sweep"]["hinton_kd"]["distill"]["changes"] == ["distill.dense.lambda_kd=1.0",
+                                                                 "distill.dense.tau_kd=2.0"]
+    assert "kd" in report["sweep"]["hinton_kd"]["per_seed"]["0"]["final_train_terms"]

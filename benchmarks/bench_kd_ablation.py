@@ -515,10 +515,11 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 def measure_latency(teacher_run: Path, student_run: Path, repeats: int, warmup: int) -> dict[str, Any]:
     """Engine-only latency (forward + argmax) of both trained models on the same synthetic batch-1
     input (six cameras on the nuScenes-like rig at the common 128x224 size), 1 thread, interleaved
-    as teacher, student, teacher, student (half the repeats each time) so both see the same load."""
+    (``occdistill.deploy.bench.interleaved_benchmark``: teacher, student, then student, teacher; half
+    the repeats each time) so both see the same load."""
     import torch
 
-    from occdistill.deploy.bench import benchmark, load_bench_model, synthetic_inputs
+    from occdistill.deploy.bench import interleaved_benchmark, load_bench_model, synthetic_inputs
 
     torch.set_num_threads(1)
     models = {"teacher": load_bench_model(checkpoint=teacher_run).model,
@@ -526,35 +527,32 @@ def measure_latency(teacher_run: Path, student_run: Path, repeats: int, warmup: 
     sizes = {tuple(m.cfg.image_size) for m in models.values()}
     if len(sizes) != 1:
         raise SystemExit(f"teacher and student inputs differ: {sizes}")
-    inputs = {k: synthetic_inputs(m, batch=1) for k, m in models.items()}
     half = max(1, repeats // 2)
-    rounds: dict[str, list[dict[str, Any]]] = {"teacher": [], "student": []}
-    for _ in range(2):
-        for name, model in models.items():
-            r = benchmark(model, inputs[name], model_name=name, repeats=half, warmup=warmup,
-                          count_flops=not rounds[name], measure_memory=False, export_path=False)
-            rounds[name].append(r.to_dict())
+    timed = interleaved_benchmark(models, {k: synthetic_inputs(m, batch=1) for k, m in models.items()},
+                                  rounds=half, warmup=warmup, count_flops=True)
     out: dict[str, Any] = {}
-    for name, rs in rounds.items():
-        first = rs[0]
+    for name, t in timed.items():
+        first = t.passes[0]
         out[name] = {
-            "median_ms": sum(r["latency_median_ms"] for r in rs) / len(rs),
-            "p90_ms": sum(r["latency_p90_ms"] for r in rs) / len(rs),
-            "min_ms": min(r["latency_min_ms"] for r in rs),
-            "rounds": [{k: r[k] for k in ("latency_median_ms", "latency_p90_ms", "latency_min_ms")} for r in rs],
-            "params_M": round(first["params"] / 1e6, 3),
-            "gmacs": first["gmacs"],
-            "stages_ms": {s["name"]: round(s["median_ms"], 2) for s in first["stages"]},
-            "image_size": list(first["image_size"]),
-            "cameras": first["cameras"],
+            "median_ms": t.median_ms,
+            "p90_ms": t.p90_ms,
+            "min_ms": t.min_ms,
+            "rounds": [{"latency_median_ms": r.latency_median_ms, "latency_p90_ms": r.latency_p90_ms,
+                        "latency_min_ms": r.latency_min_ms} for r in t.passes],
+            "params_M": round(first.params / 1e6, 3),
+            "gmacs": first.gmacs,
+            "stages_ms": {s.name: round(s.median_ms, 2) for s in first.stages},
+            "image_size": list(first.image_size),
+            "cameras": first.cameras,
         }
+    teacher_first = timed["teacher"].passes[0]
     out["repeats_per_model"] = 2 * half
     out["warmup"] = warmup
     out["threads"] = 1
     out["batch"] = 1
-    out["input"] = f"{rounds['teacher'][0]['input_source']}, rig: {rounds['teacher'][0]['rig']}"
-    out["note"] = ("median_ms/p90_ms: mean over the 2 interleaved rounds of each round's median/p90; "
-                   "engine-only forward + argmax, PyTorch eager float32 on the CPU")
+    out["input"] = f"{teacher_first.input_source}, rig: {teacher_first.rig}"
+    out["note"] = ("median_ms/p90_ms: mean over the 2 interleaved passes (teacher first, then student first) of "
+                   "each pass's median/p90; engine-only forward + argmax, PyTorch eager float32 on the CPU")
     return out
 
 

@@ -19,12 +19,14 @@ from occdistill.deploy.bench import (
     StageClock,
     benchmark,
     dataset_inputs,
+    interleaved_benchmark,
     load_bench_model,
     measure_peak_memory,
     open_bench_dataset,
     profiled_forward,
     synthetic_inputs,
 )
+from occdistill.deploy import bench as bench_module
 from occdistill.deploy.rig import nuscenes_rig
 from occdistill.models.dense import BackboneConfig, DenseStudent, DenseStudentConfig, GridConfig
 
@@ -247,6 +249,35 @@ def test_shares_are_medians_over_repeats(model):
     assert [p.path for p in result.paths] == ["train"] and result.export_over_train_latency is None
     medians = np.array([s.median_ms for s in result.stages])
     np.testing.assert_allclose([s.share for s in result.stages], medians / medians.sum(), atol=1e-3)
+
+
+def test_interleaved_benchmark_runs_two_passes_in_opposite_orders(model, monkeypatch):
+    """A B C then C B A; each model's median/p90 = the mean of its two passes' (min = the smaller);
+    FLOPs counted in the first pass only; mismatched inputs are refused."""
+    calls = []
+    real = bench_module.benchmark
+
+    def recording(m, inputs, **kw):
+        calls.append((kw["model_name"], kw["count_flops"], kw["repeats"]))
+        return real(m, inputs, **kw)
+
+    monkeypatch.setattr(bench_module, "benchmark", recording)
+    inputs = synthetic_inputs(model, batch=1)
+    names = ("a", "b", "c")
+    timed = interleaved_benchmark({n: model for n in names}, {n: inputs for n in names}, rounds=2, warmup=0,
+                                  count_flops=True)
+    assert [c[0] for c in calls] == ["a", "b", "c", "c", "b", "a"]
+    assert [c[1] for c in calls] == [True, True, True, False, False, False] and {c[2] for c in calls} == {2}
+    for t in timed.values():
+        first, second = t.passes
+        assert first.flops is not None and second.flops is None
+        assert t.median_ms == pytest.approx((first.latency_median_ms + second.latency_median_ms) / 2)
+        assert t.p90_ms == pytest.approx((first.latency_p90_ms + second.latency_p90_ms) / 2)
+        assert t.min_ms == min(first.latency_min_ms, second.latency_min_ms)
+    with pytest.raises(ValueError, match="inputs for"):
+        interleaved_benchmark({"a": model}, {"b": inputs}, rounds=1, warmup=0)
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_benchmark({"a": model}, {"a": inputs}, rounds=0, warmup=0)
 
 
 # ---------------------------------------------------------------------------------------------

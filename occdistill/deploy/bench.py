@@ -1022,6 +1022,46 @@ def benchmark(
     )
 
 
+@dataclass(frozen=True)
+class InterleavedLatency:
+    """Engine-only latency of one model in :func:`interleaved_benchmark`: the two passes' results,
+    and their mean median / p90 (so each model's figure spans the same stretch of the run)."""
+
+    passes: tuple[BenchResult, BenchResult]
+
+    @property
+    def median_ms(self) -> float:
+        return sum(r.latency_median_ms for r in self.passes) / len(self.passes)
+
+    @property
+    def p90_ms(self) -> float:
+        return sum(r.latency_p90_ms for r in self.passes) / len(self.passes)
+
+    @property
+    def min_ms(self) -> float:
+        return min(r.latency_min_ms for r in self.passes)
+
+
+def interleaved_benchmark(models: dict[str, BenchableModel], inputs: dict[str, EngineInputs], *, rounds: int,
+                          warmup: int, count_flops: bool = False) -> dict[str, InterleavedLatency]:
+    """Engine-only :func:`benchmark` of several models under the same background load, to compare
+    their latencies as a ratio: two passes of ``rounds`` timed forwards per model, the second pass in
+    the reverse order (A B C, then C B A), so that a load change during the run hits every model
+    alike. ``inputs[name]``: that model's input. FLOPs, when asked, are counted in the first pass.
+    Threads are the caller's (``torch.set_num_threads``)."""
+    if set(inputs) != set(models):
+        raise ValueError(f"inputs for {sorted(inputs)} but models {sorted(models)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    passes: dict[str, list[BenchResult]] = {name: [] for name in models}
+    for order in (list(models), list(reversed(models))):
+        for name in order:
+            passes[name].append(benchmark(models[name], inputs[name], model_name=name, repeats=rounds, warmup=warmup,
+                                          count_flops=count_flops and not passes[name], measure_memory=False,
+                                          export_path=False))
+    return {name: InterleavedLatency(passes=(rs[0], rs[1])) for name, rs in passes.items()}
+
+
 def format_table(result: BenchResult) -> str:
     """A short human-readable table: stage medians (ms) and shares for every path (the dense
     student's two pooling paths, or the other kinds' forward), the kind's stages."""
@@ -1273,7 +1313,6 @@ def _time_matmul(lib: str, n: int, cache: dict, threads: int) -> float:
 
 def _ort_matmul_session(n: int, threads: int) -> Any:
     """An onnxruntime session of one (n, n) x (n, n) float32 MatMul."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -23,7 +23,7 @@ import torch
 
 from occdistill.data.build import open_dataset
 from occdistill.data.synth import SynthResult
-from occdistill.deploy.bench import BenchResult, benchmark, dataset_inputs, load_bench_model, open_bench_dataset
+from occdistill.deploy.bench import dataset_inputs, interleaved_benchmark, load_bench_model, open_bench_dataset
 from occdistill.distill.recipe import MFD_CWD_COMMON
 from occdistill.engine.checkpoint import EMA_WEIGHTS, META, WEIGHTS, find_checkpoint
 from occdistill.errors import OccDistillError
@@ -220,20 +220,15 @@ def measure_latency(run_dirs: dict[str, str], world: SynthResult, iters: int) ->
                                  first.data.cameras, image_aug=first.data.image_aug)
     inputs = dataset_inputs(dataset)
     rounds = max(1, iters // 2)
-    passes: dict[str, list[BenchResult]] = {name: [] for name in models}
     with _torch_threads(LATENCY_THREADS):
-        for order in (list(models), list(reversed(models))):
-            for name in order:
-                passes[name].append(benchmark(models[name].model, inputs, model_name=name, repeats=rounds,
-                                              warmup=BENCH_WARMUP, count_flops=False, measure_memory=False,
-                                              export_path=False))
+        timed = interleaved_benchmark({name: m.model for name, m in models.items()},
+                                      {name: inputs for name in models}, rounds=rounds, warmup=BENCH_WARMUP)
     h, w = first.model.cfg.image_size
     return LatencyComparison(
         input=f"val frame `{dataset.frame(0).token}`, {inputs.images.shape[1]} cameras at {h}x{w}",
         repeats=2 * rounds,
-        models={name: ModelLatency(params=rs[0].params, median_ms=sum(r.latency_median_ms for r in rs) / len(rs),
-                                   p90_ms=sum(r.latency_p90_ms for r in rs) / len(rs))
-                for name, rs in passes.items()},
+        models={name: ModelLatency(params=t.passes[0].params, median_ms=t.median_ms, p90_ms=t.p90_ms)
+                for name, t in timed.items()},
         seconds=time.perf_counter() - start,
     )
 

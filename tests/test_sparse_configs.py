@@ -1,6 +1,7 @@
 """The built-in sparse configs of the synthetic room world: ``room-sparse`` (the CPU student) and
-``room-sparse-teacher`` load, build, pair under DiScene (teacher-guided initialisation copies every
-decoder tensor), and a student distils through the training engine from a teacher checkpoint."""
+``room-sparse-teacher`` load and build; the room and the street pair (``street-sparse`` /
+``street-sparse-teacher``) pair under DiScene (teacher-guided initialisation copies every decoder
+tensor); a student distils through the training engine from a teacher checkpoint."""
 
 from __future__ import annotations
 
@@ -42,14 +43,6 @@ def test_both_room_configs_are_built_in():
     assert {"room-sparse", "room-sparse-teacher"} <= set(builtin_configs())
 
 
-@pytest.fixture(scope="module")
-def models() -> tuple[SparseOccStudent, SparseOccStudent]:
-    torch.manual_seed(0)
-    student = build_model(load_train_config("room-sparse").model)
-    teacher = build_model(load_train_config("room-sparse-teacher").model)
-    return student, teacher
-
-
 def test_configs_read_the_room_world_with_the_occscannet_grid_and_classes():
     for name in ("room-sparse", "room-sparse-teacher"):
         cfg = load_train_config(name)
@@ -61,8 +54,14 @@ def test_configs_read_the_room_world_with_the_occscannet_grid_and_classes():
         assert tuple(sparse.image_size) == tiny_sparse_config().image_size, name
 
 
-def test_student_and_teacher_pair_under_discene(models):
-    student, teacher = models
+@pytest.mark.parametrize("student_name, teacher_name", [("room-sparse", "room-sparse-teacher"),
+                                                        ("street-sparse", "street-sparse-teacher")])
+def test_student_and_teacher_pair_under_discene(student_name, teacher_name):
+    """Each world's built-in sparse student and teacher: same decoder (teacher-guided initialisation
+    copies every tensor), the teacher deeper with more queries and over twice the parameters."""
+    torch.manual_seed(0)
+    student = build_model(load_train_config(student_name).model)
+    teacher = build_model(load_train_config(teacher_name).model)
     s, t = student.cfg, teacher.cfg
     assert {f: getattr(s, f) for f in DECODER_FIELDS} == {f: getattr(t, f) for f in DECODER_FIELDS}
     assert t.backbone.depth > s.backbone.depth and t.backbone.base_width >= s.backbone.base_width

@@ -1,7 +1,8 @@
 """The sparse configs of the synthetic street world (``street-sparse``, ``street-sparse-teacher``):
-they read the Occ3D-layout street at street-tiny's input size, pair under DiScene, train one step
-each on a tiny street (the student distilling from the teacher's checkpoint), and the DiScene
-ablation benchmark runs end to end in its street mode (Occ3D metrics with RayIoU)."""
+they read the Occ3D-layout street at street-tiny's input size, train one step each on a tiny street
+(the student distilling from the teacher's checkpoint), and the DiScene ablation benchmark runs end
+to end in its street mode (Occ3D metrics with RayIoU). Their DiScene pairing is tested beside the
+room pair's in tests/test_sparse_configs.py."""
 
 from __future__ import annotations
 
@@ -11,23 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from occdistill.data.synth import generate
-from occdistill.distill.discene import DiSceneDistiller
 from occdistill.engine.config import builtin_configs, load_train_config
 from occdistill.engine.history import read_records
 from occdistill.engine.loop import train
-from occdistill.losses.discene import teacher_guided_init
-from occdistill.models.build import build_model
-from occdistill.models.sparse import SparseOccStudent
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks" / "bench_sparse_ablation.py"
-# Decoder fields that must agree for teacher-guided initialisation to copy every tensor.
-DECODER_FIELDS = ("image_size", "neck_channels", "embed_dims", "points_per_layer", "num_groups", "sampling_points",
-                  "mixing_out_points", "num_heads", "ffn_channels", "offset_scale", "depth_prior", "grid",
-                  "num_classes", "free_index")
 # The tiny street of tests/test_engine_tasks.py (2 cameras at 64x36, 24x24x8 grid at 0.8 m) and
 # micro models on it; the teacher keeps its deeper backbone and takes twice the queries.
 SYNTH = ["rig.width=64", "rig.height=36", "rig.cameras=[CAM_FRONT,CAM_BACK]", "lidar.azimuths=256",
@@ -57,20 +49,6 @@ def test_both_street_configs_are_built_in_and_read_the_street_world():
         assert cfg.data.image_aug == tiny.data.image_aug and cfg.data.bev_aug == tiny.data.bev_aug, name
         # Occ3D is scored inside mask_camera: the loss pairs GT inside it only (OPUS on Occ3D)
         assert cfg.loss.sparse.camera_mask, name
-
-
-def test_street_student_and_teacher_pair_under_discene():
-    torch.manual_seed(0)
-    student = build_model(load_train_config("street-sparse").model)
-    teacher = build_model(load_train_config("street-sparse-teacher").model)
-    s, t = student.cfg, teacher.cfg
-    assert {f: getattr(s, f) for f in DECODER_FIELDS} == {f: getattr(t, f) for f in DECODER_FIELDS}
-    assert t.backbone.depth > s.backbone.depth and t.backbone.base_width > s.backbone.base_width
-    assert t.num_queries > s.num_queries
-    assert sum(p.numel() for p in teacher.parameters()) > 2 * sum(p.numel() for p in student.parameters())
-    DiSceneDistiller(student, teacher)  # raises on grid / classes / image size / layers / embed dims mismatch
-    report = teacher_guided_init(SparseOccStudent(s), teacher)
-    assert report.skipped == [] and len(report.copied) == len(student.decoder.state_dict())
 
 
 @pytest.fixture(scope="module")

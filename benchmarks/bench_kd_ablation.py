@@ -63,11 +63,10 @@ import math
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,6 +74,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: the workers inher
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from occdistill.distill.recipe import MFD_CWD_COMMON  # noqa: E402  (after the thread settings above)
+from occdistill.engine import jobpool  # noqa: E402
+from occdistill.engine.jobpool import Hooks, Progress, Running  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -263,17 +264,25 @@ def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature
 # ----------------------------------------------------------------------------- jobs
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
+    """One job of the benchmark, run in a pool worker with its output appended to ``log``: a training
+    (``config`` with ``overrides`` into ``run_dir``, resumed from its last checkpoint) or a share of
+    the teacher's dump (``argv``: occdistill CLI arguments)."""
+
     name: str
     kind: str  # "train" or "dump"
+    log: Path
     deps: tuple[str, ...] = ()
     config: str = ""
     overrides: tuple[str, ...] = ()
     run_dir: Path | None = None
-    argv: tuple[str, ...] = ()  # dump: occdistill CLI arguments
+    argv: tuple[str, ...] = ()
     total_steps: int = 0
-    stamp: dict[str, Any] = field(default_factory=dict)  # must match the run's kd_job.json to reuse it
+    dump: Path | None = None  # a distilled student's teacher targets (None: no teacher)
+    # what ties a distilled run to its targets (_manifest_stamp, read once the dump exists); must
+    # match the run's kd_job.json to reuse it
+    stamp: dict[str, Any] = field(default_factory=dict)
 
 
 def _redirect(log_path: Path):
@@ -287,18 +296,12 @@ def _redirect(log_path: Path):
     return f
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def run_job(job: Job, log_path: Path) -> dict[str, Any]:
+def run_job(job: Job) -> dict[str, Any]:
     """Executed in a pool process: train (resuming a checkpointed run) or dump. Returns a summary."""
     import torch
 
     torch.set_num_threads(1)
-    f = _redirect(log_path)
+    f = _redirect(job.log)
     try:
         print(f"=== {job.name} ({time.strftime('%H:%M:%S')})", flush=True)
         if job.kind == "dump":
@@ -306,7 +309,7 @@ def run_job(job: Job, log_path: Path) -> dict[str, Any]:
 
             rc = cli(list(job.argv))
             if rc != 0:
-                raise RuntimeError(f"dump-teacher {' '.join(job.argv)} exited with {rc} (see {log_path})")
+                raise RuntimeError(f"dump-teacher {' '.join(job.argv)} exited with {rc} (see {job.log})")
             return {"job": job.name}
         from occdistill.engine.config import load_train_config
         from occdistill.engine.loop import train
@@ -385,73 +388,57 @@ def dump_complete(dump: Path, teacher_run: Path) -> bool:
     return json.loads(manifest.read_text())["teacher"]["checkpoint_sha256"] == sha
 
 
-def run_jobs(jobs: list[Job], procs: int, logs: Path, dump: Path, teacher_run: Path, poll_s: float,
+def run_jobs(jobs: list[Job], procs: int, dump: Path, teacher_run: Path, poll_s: float,
              progress_every_s: float, load_samples: list[float]) -> dict[str, dict[str, Any]]:
-    """Run ``jobs`` respecting their deps, ``procs`` at a time, in list order among the ready ones."""
-    import multiprocessing as mp
-
-    done: dict[str, dict[str, Any]] = {}
-    running: dict[str, tuple[Any, float, Job]] = {}
-    pending = list(jobs)
+    """Run ``jobs`` on the shared job pool (:func:`occdistill.engine.jobpool.run_jobs`: deps respected,
+    ``procs`` at a time, in list order among the ready ones), always in worker processes, even at
+    ``procs`` 1: a job redirects its process's output to its log. A finished run of the same config,
+    or a complete dump of this teacher, is reused instead of started. Every ``progress_every_s`` a
+    line gives each running job's step and rate, and the load average is appended to
+    ``load_samples``."""
     start = time.time()
-    last_progress = 0.0
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(procs, initializer=_worker_init) as pool:
-        while pending or running:
-            # submit what is ready
-            for job in list(pending):
-                if len(running) >= procs:
-                    break
-                if not all(d in done for d in job.deps):
-                    continue
-                pending.remove(job)
-                if job.kind == "train" and job.stamp.get("dump") is not None:
-                    job.stamp = _manifest_stamp(dump)
-                if job.kind == "train" and finished_run(job):
-                    done[job.name] = {"job": job.name, "reused": True}
-                    print(f"[{_clock(start)}] {job.name}: finished earlier, reused ({job.run_dir})", flush=True)
-                    continue
-                if job.kind == "dump" and dump_complete(dump, teacher_run):
-                    done[job.name] = {"job": job.name, "reused": True}
-                    print(f"[{_clock(start)}] {job.name}: the dump of this teacher is complete, reused", flush=True)
-                    continue
-                handle = pool.apply_async(run_job, (job, logs / f"{job.name}.log"))
-                running[job.name] = (handle, time.time(), job)
-                what = f"{job.total_steps} steps" if job.kind == "train" else "dump"
-                print(f"[{_clock(start)}] start {job.name} ({what}; log {logs / (job.name + '.log')})", flush=True)
-            # collect what finished
-            for name, (handle, t0, job) in list(running.items()):
-                if not handle.ready():
-                    continue
-                del running[name]
-                try:
-                    done[name] = handle.get()
-                except BaseException as exc:
-                    pool.terminate()
-                    raise SystemExit(f"{name} failed: {exc!r}; see {logs / (name + '.log')} "
-                                     "(re-run the same command to resume)") from exc
-                minutes = (time.time() - t0) / 60
-                extra = ""
-                if job.kind == "train":
-                    m = _read_metrics(job.run_dir)
-                    extra = f": mIoU {m['mIoU']:.2f}, IoU {m['IoU']:.2f}" if m else ""
-                print(f"[{_clock(start)}] done {name} in {minutes:.1f} min{extra}", flush=True)
-            now = time.time()
-            if now - last_progress >= progress_every_s and running:
-                last_progress = now
-                load_samples.append(os.getloadavg()[0])
-                parts = []
-                for name, (_, t0, job) in running.items():
-                    if job.kind == "train":
-                        step, secs = _last_step(job.run_dir)
-                        rate = f", {secs:.2f} s/step" if secs else ""
-                        parts.append(f"{name} {step}/{job.total_steps}{rate}")
-                    else:
-                        parts.append(f"{name} {(now - t0) / 60:.1f} min")
-                print(f"[{_clock(start)}] running: {'; '.join(parts)} | done {len(done)}/{len(jobs)} | "
-                      f"load {os.getloadavg()[0]:.1f}", flush=True)
-            time.sleep(poll_s)
-    return done
+
+    def prepare(job: Job) -> Job:
+        # a distilled run is tied to the targets it reads, known once the dump is complete
+        return replace(job, stamp=_manifest_stamp(job.dump)) if job.dump is not None else job
+
+    def reuse(job: Job) -> dict[str, Any] | None:
+        if job.kind == "train" and finished_run(job):
+            print(f"[{_clock(start)}] {job.name}: finished earlier, reused ({job.run_dir})", flush=True)
+        elif job.kind == "dump" and dump_complete(dump, teacher_run):
+            print(f"[{_clock(start)}] {job.name}: the dump of this teacher is complete, reused", flush=True)
+        else:
+            return None
+        return {"job": job.name, "reused": True}
+
+    def on_start(job: Job, _index: int) -> None:
+        what = f"{job.total_steps} steps" if job.kind == "train" else "dump"
+        print(f"[{_clock(start)}] start {job.name} ({what}; log {job.log})", flush=True)
+
+    def on_done(job: Job, _result: dict[str, Any], seconds: float) -> None:
+        m = _read_metrics(job.run_dir) if job.kind == "train" else None
+        extra = f": mIoU {m['mIoU']:.2f}, IoU {m['IoU']:.2f}" if m else ""
+        print(f"[{_clock(start)}] done {job.name} in {seconds / 60:.1f} min{extra}", flush=True)
+
+    def on_progress(progress: Progress[Job]) -> None:
+        load_samples.append(os.getloadavg()[0])
+        parts = [_progress_part(r) for r in progress.running]
+        print(f"[{_clock(start)}] running: {'; '.join(parts)} | done {progress.done}/{progress.total} | "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    hooks = Hooks(prepare=prepare, reuse=reuse, on_start=on_start, on_done=on_done, on_progress=on_progress,
+                  progress_every_s=progress_every_s, log_of=lambda job: job.log)
+    return jobpool.run_jobs(jobs, run_job, procs, hooks, poll_s=poll_s)
+
+
+def _progress_part(run: Running[Job]) -> str:
+    """A running job in a progress line: a training's last logged step and rate, a dump's minutes."""
+    job = run.job
+    if job.kind != "train":
+        return f"{job.name} {(time.time() - run.started) / 60:.1f} min"
+    step, secs = _last_step(job.run_dir)
+    rate = f", {secs:.2f} s/step" if secs else ""
+    return f"{job.name} {step}/{job.total_steps}{rate}"
 
 
 def _clock(start: float) -> str:
@@ -674,8 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--procs must be 1 or 2 (a 2-core machine)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     setup = TEACHERS[args.teacher_config]
-    # SIGTERM ends the pool's workers too (the pool's context exit terminates them).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    jobpool.exit_on_sigterm()  # SIGTERM ends the pool's workers too
     t_start = time.time()
     load_start = os.getloadavg()
     work = args.work.resolve()
@@ -702,25 +688,28 @@ def main(argv: list[str] | None = None) -> int:
                       f"data.val_split={data / 'occdistill_infos_val.pkl'}"]
 
     teacher_run = work / "teacher"
-    teacher = Job("teacher", "train", config=args.teacher_config, run_dir=teacher_run, total_steps=args.teacher_steps,
+    teacher = Job("teacher", "train", logs / "teacher.log", config=args.teacher_config, run_dir=teacher_run,
+                  total_steps=args.teacher_steps,
                   overrides=(*data_overrides, *RUNTIME, *teacher_extra, "runtime.seed=0",
                              f"optim.max_steps={args.teacher_steps}"))
     dump_argv = ["dump-teacher", "--checkpoint", str(teacher_run), "--split", "train", "--out", str(dump),
                  "--formats", "compact,seed", *(["--bev-feature"] if setup.bev_feature else []), "--workers", "0",
                  "--no-progress", "--device", "cpu"]
-    shares = [Job(f"dump_{i}", "dump", deps=("teacher",), argv=(*dump_argv, "--shard", f"{i}/{args.procs}"))
-              for i in range(args.procs)]
+    shares = [Job(f"dump_{i}", "dump", logs / f"dump_{i}.log", deps=("teacher",),
+                  argv=(*dump_argv, "--shard", f"{i}/{args.procs}")) for i in range(args.procs)]
     # Whichever share ends last writes the manifest; this no-op pass writes it if neither did.
-    finalize = Job("dump_finalize", "dump", deps=tuple(j.name for j in shares), argv=tuple(dump_argv))
+    finalize = Job("dump_finalize", "dump", logs / "dump_finalize.log", deps=tuple(j.name for j in shares),
+                   argv=tuple(dump_argv))
 
     def student(variant: str, seed: int) -> Job:
         kd = variant_overrides(variant, dump, setup.mfd_target)
         deps = (finalize.name,) if kd else ()
-        return Job(f"{variant}_s{seed}", "train", deps=deps, config=STUDENT_CONFIG,
-                   run_dir=work / "students" / f"{variant}_s{seed}", total_steps=args.student_steps,
+        name = f"{variant}_s{seed}"
+        return Job(name, "train", logs / f"{name}.log", deps=deps, config=STUDENT_CONFIG,
+                   run_dir=work / "students" / name, total_steps=args.student_steps,
                    overrides=(*data_overrides, *RUNTIME, *student_extra, f"runtime.seed={seed}",
                               f"optim.max_steps={args.student_steps}", *kd),
-                   stamp={"dump": str(dump)} if kd else {})
+                   dump=dump if kd else None)
 
     # Order = priority among ready jobs: the teacher first, the no-KD students beside it, then the
     # headline variant for every seed, then the others.
@@ -732,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
           f"teacher {args.teacher_steps} steps, students {args.student_steps} steps, seeds {seeds}; "
           f"load average {load_start[0]:.1f}", flush=True)
     load_samples: list[float] = [load_start[0]]
-    run_jobs(jobs, args.procs, logs, dump, teacher_run, poll_s, progress_s, load_samples)
+    run_jobs(jobs, args.procs, dump, teacher_run, poll_s, progress_s, load_samples)
     if not (dump / "manifest_train.json").is_file():
         raise SystemExit(f"{dump}: the dump has no manifest after all shares finished")
 

@@ -76,11 +76,10 @@ import math
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,10 +88,12 @@ import torch
 from occdistill.config import to_dict
 from occdistill.data.sample import collate
 from occdistill.data.synth import generate
+from occdistill.engine import jobpool
 from occdistill.engine.baselines import baseline_reports
 from occdistill.engine.checkpoint import find_checkpoint, load_trained_model
 from occdistill.engine.config import TrainConfig, load_train_config
 from occdistill.engine.data import model_grid, open_split
+from occdistill.engine.jobpool import Hooks
 from occdistill.engine.loop import train
 from occdistill.engine.objective import forward_batch
 
@@ -269,8 +270,9 @@ def fmt(stat: dict[str, Any], digits: int = 2) -> str:
 @dataclass(frozen=True)
 class Job:
     """One training of the benchmark: ``config`` with ``overrides`` into ``run``. ``role``
-    "teacher" (fingerprint: config and data) or "student" (plus the teacher checkpoint's
-    SHA-256s when ``distilled``, known once the teacher has trained: until then it is not ready)."""
+    "teacher" (fingerprint: config and data) or "student" (plus ``teacher_fp``, the teacher
+    checkpoint's SHA-256s when ``distilled``: such a job ``deps`` on the teacher and gets them when
+    it starts)."""
 
     name: str
     config: str
@@ -281,69 +283,36 @@ class Job:
     data_fp: str
     metrics: tuple[str, ...]
     description: str = ""
+    deps: tuple[str, ...] = ()
+    teacher_fp: dict[str, str] | None = None
 
 
-def run_job(job: Job, teacher_fp: dict[str, str] | None) -> dict[str, Any]:
+def run_job(job: Job) -> dict[str, Any]:
     """Train (or reuse) one job; in the calling process or a pool worker."""
     torch.set_num_threads(1)
     cfg = load_train_config(job.config, list(job.overrides))
     fingerprint: dict[str, Any] = {"config": to_dict(cfg), "data": job.data_fp}
     if job.role == "student":
-        fingerprint["teacher"] = teacher_fp
+        fingerprint["teacher"] = job.teacher_fp
     return run_or_reuse(job.name, cfg, job.run, fingerprint, job.metrics)
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which terminates the pool
-
-
 def run_jobs(jobs: list[Job], procs: int, teacher_run: Path, start: float) -> dict[str, dict[str, Any]]:
-    """Every job's record by name. ``procs`` trainings at once, each a process at one CPU thread
-    (1: one after the other in this process), taken in list order among the ready ones: a
-    distilled student is ready once the teacher has finished. A failed job stops the benchmark
-    (re-running the same command reuses every finished run)."""
-    done: dict[str, dict[str, Any]] = {}
+    """Every job's record by name, from the shared job pool (:func:`occdistill.engine.jobpool.run_jobs`):
+    ``procs`` trainings at once, each a process at one CPU thread (1: one after the other in this
+    process), taken in list order among the ready ones: a distilled student is ready once the
+    teacher has finished. A failed job stops the benchmark (re-running the same command reuses every
+    finished run)."""
+
+    def prepare(job: Job) -> Job:
+        return replace(job, teacher_fp=teacher_fingerprint(teacher_run)) if job.distilled else job
 
     def announce(job: Job, index: int) -> None:
         elapsed = (time.perf_counter() - start) / 60
         log(f"[{index}/{len(jobs)}] {job.name} ({job.description}); {elapsed:.1f} min so far")
 
-    if procs == 1:
-        for i, job in enumerate(jobs, 1):
-            announce(job, i)
-            done[job.name] = run_job(job, teacher_fingerprint(teacher_run) if job.distilled else None)
-        return done
-    import multiprocessing as mp
-
-    pending = list(enumerate(jobs, 1))
-    running: dict[str, Any] = {}
-    teacher_name = next(j.name for j in jobs if j.role == "teacher")
-    with mp.get_context("spawn").Pool(procs, initializer=_worker_init) as pool:
-        while pending or running:
-            for item in list(pending):
-                i, job = item
-                if len(running) >= procs:
-                    break
-                if job.distilled and teacher_name not in done:
-                    continue
-                pending.remove(item)
-                announce(job, i)
-                teacher_fp = teacher_fingerprint(teacher_run) if job.distilled else None
-                running[job.name] = pool.apply_async(run_job, (job, teacher_fp))
-            for name, handle in list(running.items()):
-                if handle.ready():
-                    del running[name]
-                    try:
-                        done[name] = handle.get()
-                    except Exception as exc:
-                        pool.terminate()
-                        raise SystemExit(f"{name} failed: {exc!r} (re-run the same command: finished runs are "
-                                         "reused)") from exc
-            time.sleep(1.0)
-        pool.close()  # a clean exit (the context's exit alone terminates the workers)
-        pool.join()
-    return done
+    return jobpool.run_jobs(jobs, run_job, procs, Hooks(prepare=prepare, on_start=announce), poll_s=1.0,
+                            in_process=procs == 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         student_extra, teacher_extra = [*micro, SMOKE_QUERIES["student"]], [*micro, SMOKE_QUERIES["teacher"]]
         latency_runs = min(latency_runs, 2)
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the pool's exit then ends its workers
+    jobpool.exit_on_sigterm()  # the pool's exit then ends its workers
     bench_start, load_start = time.perf_counter(), os.getloadavg()
     if args.fresh:
         shutil.rmtree(work / "runs", ignore_errors=True)
@@ -434,16 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     teacher_over = [*common, "runtime.seed=0", *teacher_steps, *teacher_extra]
     teacher_cfg = load_train_config(world.teacher, teacher_over)
     teacher_run = runs / "teacher"
-    jobs = [Job("teacher", world.teacher, tuple(teacher_over), teacher_run, "teacher", False, data_fp, world.metrics,
-                f"{world.teacher}, seed 0")]
+    teacher_job = Job("teacher", world.teacher, tuple(teacher_over), teacher_run, "teacher", False, data_fp,
+                      world.metrics, f"{world.teacher}, seed 0")
+    jobs = [teacher_job]
     for seed in args.seeds:
         for variant in args.variants:
+            distilled = variant != "baseline"
             over = [*common, f"runtime.seed={seed}"] + ([f"optim.max_steps={args.steps}"] if args.steps else [])
-            if variant != "baseline":
+            if distilled:
                 over += [f"distill.checkpoint={teacher_run}", *VARIANTS[variant]]
             jobs.append(Job(f"seed {seed} {variant}", world.student, tuple([*over, *student_extra]),
-                            runs / f"seed{seed}" / variant, "student", variant != "baseline", data_fp, world.metrics,
-                            DESCRIPTION[variant]))
+                            runs / f"seed{seed}" / variant, "student", distilled, data_fp, world.metrics,
+                            DESCRIPTION[variant], deps=(teacher_job.name,) if distilled else ()))
     done = run_jobs(jobs, procs, teacher_run, bench_start)
     teacher = done["teacher"]
     records: dict[int, dict[str, dict[str, Any]]] = {

@@ -253,15 +253,3 @@ def test_temporal_mode_uses_the_history():
     out = model(*args, history=torch.randn(2, 2, 8, num_x, num_y))
     out.voxel_logits.mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.temporal.parameters())
-
-
-def test_export_refuses_a_temporal_student():
-    from occdistill.deploy.export import ExportWrapper
-    from occdistill.deploy.rig import Rig
-    from occdistill.errors import OccDistillError
-
-    model = DenseStudent(dataclasses.replace(tiny_config(), temporal_frames=1))
-    _, k, img_from_raw, ego_from_cam = inputs(1)
-    rig = Rig(k[0], img_from_raw[0], ego_from_cam[0], "test")
-    with pytest.raises(OccDistillError, match="temporal"):
-        ExportWrapper(model, rig)

@@ -260,7 +260,8 @@ def run_side_by_side(args: argparse.Namespace) -> int:
             onnx_paths["fp32"] = info.path
             if "ort-fp16" in needed:
                 onnx_paths["fp16"] = convert_fp16(info.path, root / VARIANT_FILES["fp16"]).path
-            if "ort-int8" in needed and dataset is not None:
+            # quantize_int8 refuses a temporal graph: calibration feeds images only (note below)
+            if "ort-int8" in needed and dataset is not None and not model.cfg.temporal_frames:
                 from occdistill.deploy.export import OnnxOccModel
 
                 # Calibration records activation ranges only: benchmark frames of other camera mounts
@@ -282,7 +283,9 @@ def run_side_by_side(args: argparse.Namespace) -> int:
         if tmp is not None:
             tmp.cleanup()
     if "ort-int8" in engines and "int8" not in onnx_paths:
-        notes.append("ort-int8: no INT8 file (pass --onnx-dir from `occdistill export`, or --data to calibrate)")
+        notes.append("ort-int8: not made for a temporal student (INT8 calibration feeds images only, its graph also "
+                     "takes the BEV history)" if model.cfg.temporal_frames else
+                     "ort-int8: no INT8 file (pass --onnx-dir from `occdistill export`, or --data to calibrate)")
     report = {"command": "bench", "mode": "side-by-side", **result.to_dict()}
     report["notes"] = [*report["notes"], *notes]
     print(json.dumps(report))

@@ -22,6 +22,15 @@ graph input, ``prior_depth`` (B, N, H, W) metres (shape and meaning in the sidec
 dense student (its BEV pooling stays float32; INT8 calibration feeds images alone): other models
 export FP32 by default, and asking them for fp16 or int8 is an error.
 
+A temporal dense student (``model.dense.temporal_frames`` F > 0) exports with a second input,
+``history`` (B, F, C, X, Y): the earlier frames' lifted BEVs already warped into the current frame,
+zeros where none is usable, and a third output ``lifted_bev`` for the next frame's history (both in
+the sidecar); :class:`occdistill.deploy.stream.StreamRunner` plays scenes through it. Its parity
+check streams consecutive frames of one scene of the rig (histories from eager PyTorch, so the first
+is zeros and the others real), plus the first frame with a random history; without frames, random
+images and histories. It exports FP32 by default (FP16 on request; INT8 calibration feeds images
+only and is refused), and ``--eval`` is refused (the evaluation cannot stream its history).
+
 A dataset may hold several rigs (nuScenes logs, the synthetic street's per-scene camera mounts,
 ``rig.mount_jitter_deg``): the parity check and the ``--eval`` mIoU use only the frames whose
 calibration passes that check (the evaluation split's, else the rig frame's own scene) and say how
@@ -106,6 +115,25 @@ def _spread(items: list, count: int) -> list:
     return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
 
 
+def _temporal_parity_inputs(model: Any, ort32: Any, dataset: Any, kept: list[int], count: int,
+                            split: str) -> tuple[list[Any], str]:
+    """Parity inputs of a temporal student: up to ``count`` consecutive frames (time order) of the first
+    scene among the ``kept`` frames of the rig, with histories streamed by eager PyTorch, plus the
+    first frame with a random history (the streamed first history is zeros, and ``count`` may be 1).
+    Also their description."""
+    import numpy as np
+
+    from occdistill.deploy.stream import streamed_parity_inputs
+
+    scene = dataset.frame(kept[0]).scene_name
+    picks = [i for i in kept if dataset.frame(i).scene_name == scene][:count]
+    inputs: list[Any] = streamed_parity_inputs(model, ort32, [dataset[i] for i in picks])
+    history = np.random.default_rng(0).standard_normal(ort32.history_shape, dtype=np.float32)
+    inputs.append((inputs[0][0], history))
+    return inputs, (f"{len(picks)} consecutive {split} frames of scene {scene} of {dataset.data_root} with their BEV "
+                    "history streamed by eager PyTorch (BEVHistory), plus the first with a random history")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -130,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         quantize_int8,
     )
     from occdistill.deploy.rig import nuscenes_rig
-    from occdistill.engine.tasks import takes_depth_input
+    from occdistill.engine.tasks import takes_depth_input, temporal_frames
     from occdistill.errors import OccDistillError
     from occdistill.io import atomic_write_json
     from occdistill.models.dense import DenseStudent
@@ -159,13 +187,21 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and not isinstance(model, DenseStudent):
         raise OccDistillError(f"--eval: evaluation of an exported {type(model).__name__} is not supported")
     prior = takes_depth_input(model)  # the graph's second input: the prior depth map
-    if args.precision is None and isinstance(model, DenseStudent):
-        precisions = list(VARIANT_FILES)  # the dense student's default: every variant
+    temporal = temporal_frames(model) > 0  # the graph's second input: the warped BEV history
+    if args.eval and temporal:
+        raise OccDistillError("--eval: evaluation of an exported temporal student is not supported (the evaluation "
+                              "cannot stream its BEV history input); play it with "
+                              "occdistill.deploy.stream.StreamRunner")
+    if args.precision is None and isinstance(model, DenseStudent) and not temporal:
+        precisions = list(VARIANT_FILES)  # the single-frame dense student's default: every variant
     reduced = [p for p in precisions if p != "fp32"]
     if reduced and not isinstance(model, DenseStudent):
         raise OccDistillError(f"--precision {','.join(reduced)}: the reduced-precision variants are made for the dense "
                               "student (its BEV pooling kept float32; INT8 calibration feeds images only); export a "
                               f"{type(model).__name__} with --precision fp32")
+    if temporal and "int8" in precisions:
+        raise OccDistillError("--precision int8: INT8 calibration feeds images only, and a temporal student's graph "
+                              "also takes its BEV history; export it with --precision fp32 or fp32,fp16")
 
     # datasets (training frames: rig + calibration; evaluation frames: parity + mIoU)
     splits = {}
@@ -244,25 +280,29 @@ def run(args: argparse.Namespace) -> int:
         ort32.check_dataset(eval_set)
         use = "parity and --eval" if parity_frames is eval_frames else "parity"
         print(f"frames of the rig ({use}): {parity_frames.summary(f'{parity_split} frames')}")
-        inputs = []
-        for i in _spread(list(parity_frames.kept), args.parity_frames):
-            s = eval_set[i]
-            ort32.check_rig(s.intrinsics, s.img_from_raw, s.ego_from_cam, s.camera_names)
-            x = ort32.prepare(s.images[None])
-            x = x.repeat(args.batch, axis=0) if args.batch > 1 else x
-            if prior:  # the frame's depth map (N, H, W) metres, in the same network-input pixels
-                inputs.append((x, s.depth[None].numpy().repeat(args.batch, axis=0)))
-            else:
-                inputs.append(x)
-        parity_source = (f"{len(inputs)} {parity_split} frames of {eval_set.data_root} sharing the rig "
-                         f"({len(parity_frames.skipped)} of {parity_frames.checked} checked skipped)")
+        if temporal:  # consecutive frames: the history of each is the frames before it
+            inputs, parity_source = _temporal_parity_inputs(model, ort32, eval_set, list(parity_frames.kept),
+                                                            args.parity_frames, parity_split)
+        else:
+            inputs = []
+            for i in _spread(list(parity_frames.kept), args.parity_frames):
+                s = eval_set[i]
+                ort32.check_rig(s.intrinsics, s.img_from_raw, s.ego_from_cam, s.camera_names)
+                x = ort32.prepare(s.images[None])
+                x = x.repeat(args.batch, axis=0) if args.batch > 1 else x
+                if prior:  # the frame's depth map (N, H, W) metres, in the same network-input pixels
+                    inputs.append((x, s.depth[None].numpy().repeat(args.batch, axis=0)))
+                else:
+                    inputs.append(x)
+            parity_source = (f"{len(inputs)} {parity_split} frames of {eval_set.data_root} sharing the rig "
+                             f"({len(parity_frames.skipped)} of {parity_frames.checked} checked skipped)")
     else:
         from occdistill.deploy.export import ExportWrapper
 
         wrapper = ExportWrapper(model, rig, batch=args.batch, input_format=args.input)
         inputs = [tuple(t.cpu().numpy() for t in wrapper.example_inputs(seed)) for seed in range(args.parity_frames)]
-        parity_source = (f"{len(inputs)} random images{' and prior depth maps' if prior else ''} "
-                         f"({'no frame of the rig' if splits else 'no dataset'})")
+        extra = " and prior depth maps" if prior else " and BEV histories" if temporal else ""
+        parity_source = f"{len(inputs)} random images{extra} ({'no frame of the rig' if splits else 'no dataset'})"
 
     files = {"fp32": info.path}
     variants = {"fp32": {"path": str(info.path), "size_bytes": info.size_bytes, "sha256": info.sha256}}

@@ -1104,6 +1104,11 @@ def format_table(result: BenchResult) -> str:
 ENGINES = ("eager", "compile", "ort-fp32", "ort-fp16", "ort-int8")
 VARIANTS = ENGINES  # a variant is ENGINE or ENGINE@THREADS, e.g. "eager@1"
 DEFAULT_VARIANTS = ("eager", "compile", "ort-fp32", "ort-fp16", "ort-int8")
+TEMPORAL_BENCH_NOTE = (
+    "temporal student: every engine gets a zero BEV history as its history input (a legitimate input, a "
+    "stream's first frame, of the same cost as any other: the fusion conv reads every slot); the host-side "
+    "warp of the history (BEVHistory.warped, outside the graph) is not timed"
+)
 ORT_PRECISION = {"ort-fp32": "fp32", "ort-fp16": "fp16", "ort-int8": "int8"}
 # (library, n, intra-op threads: 0 = the bench's count); numpy uses its BLAS's own thread count.
 # onnxruntime's MatMul (MLAS) is included: on this AMD CPU torch's MKL sgemm runs well below the
@@ -1235,12 +1240,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _torch_engine(engine: str, model: DenseStudent, rig: Rig, batch: int, input_format: str, threads: int,
-                  example: np.ndarray, compile_mode: str | None) -> _Engine:
+                  example: np.ndarray, compile_mode: str | None, history: np.ndarray | None) -> _Engine:
     """Eager or torch.compile (Inductor C++ kernels, weight freezing; the first call compiles and
-    counts as setup) of the exported module, on ``threads`` intra-op threads."""
+    counts as setup) of the exported module, on ``threads`` intra-op threads; a temporal student
+    gets ``history`` (B, F, C, X, Y) as its history input in every run."""
     import copy
 
     from occdistill.deploy.export import ExportWrapper
+
+    extra = {} if history is None else {"history": torch.from_numpy(history)}
 
     def build(m: DenseStudent | None = None) -> Callable[[np.ndarray], np.ndarray]:
         torch.set_num_threads(threads)
@@ -1251,7 +1259,7 @@ def _torch_engine(engine: str, model: DenseStudent, rig: Rig, batch: int, input_
         def run(x: np.ndarray) -> np.ndarray:
             torch.set_num_threads(threads)
             with torch.inference_mode():
-                return fn(torch.from_numpy(x))[1].numpy()
+                return fn(torch.from_numpy(x), **extra)[1].numpy()
         if engine == "compile":
             import torch._inductor.config as inductor_config
 
@@ -1267,13 +1275,14 @@ def _torch_engine(engine: str, model: DenseStudent, rig: Rig, batch: int, input_
                    time.perf_counter() - t, build)
 
 
-def _ort_engine(engine: str, path: Path, threads: int) -> _Engine:
+def _ort_engine(engine: str, path: Path, threads: int, history: np.ndarray | None) -> _Engine:
+    """An onnxruntime session of ``path``; a temporal graph gets ``history`` in every run."""
     from occdistill.deploy.export import OnnxOccModel
 
     def build() -> Callable[[np.ndarray], np.ndarray]:
         # No busy-waiting: spinning pool threads would take the cores from the engine timed next.
         m = OnnxOccModel(path, threads=threads, spin=False)
-        return lambda x: m.run(x, ["labels"])["labels"]
+        return lambda x: m.run(x, ["labels"], history=history)["labels"]
 
     t = time.perf_counter()
     run = build()
@@ -1336,7 +1345,7 @@ def count_export_flops(model: DenseStudent, rig: Rig, batch: int = 1) -> int:
 
     wrapper = ExportWrapper(model, rig, batch=batch, input_format="float32").eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        wrapper(wrapper.example_input())
+        wrapper(**wrapper.feeds(wrapper.example_inputs()))
     return int(counter.get_total_flops())
 
 
@@ -1367,7 +1376,8 @@ def side_by_side(
     ``dataset`` (eval mode, the rig's cameras) + ``image_aug`` (its ImageAugConfig): end-to-end from
     the camera files and engine input from its first frame; otherwise engine-only on random images.
     A variant that fails (torch.compile without a compiler, a missing file) is reported, not raised;
-    at least one eager variant must run (it is the reference and the baseline).
+    at least one eager variant must run (it is the reference and the baseline). A temporal student's
+    engines all get a zero BEV history (:data:`TEMPORAL_BENCH_NOTE`).
     """
     if not isinstance(model, DenseStudent):  # the variants run the exported dense graph
         raise OccDistillError(f"the side-by-side benchmarks the dense student; got a {type(model).__name__}")
@@ -1431,6 +1441,13 @@ def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, inpu
         if input_format == "float32":
             engine_input = np.ascontiguousarray(engine_input.transpose(0, 1, 4, 2, 3), np.float32) / np.float32(255.0)
         notes.append("engine input: random images (no dataset)")
+    history = None
+    if model.cfg.temporal_frames:
+        # The graph's cost does not depend on the history's values (the fusion conv reads every slot):
+        # zeros, what a stream's first frame gets, time it like any history.
+        num_x, num_y, _ = model.grid.shape
+        history = np.zeros((batch, model.cfg.temporal_frames, model.cfg.context_channels, num_x, num_y), np.float32)
+        notes.append(TEMPORAL_BENCH_NOTE)
 
     # engines
     engines: dict[str, _Engine] = {}
@@ -1439,7 +1456,7 @@ def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, inpu
         try:
             if engine in ("eager", "compile"):
                 engines[name] = _torch_engine(engine, model, rig, batch, input_format, n_threads, engine_input,
-                                              compile_mode)
+                                              compile_mode, history)
                 continue
             path = onnx_paths.get(ORT_PRECISION[engine])
             if path is None:
@@ -1449,7 +1466,7 @@ def _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, inpu
                 raise OccDistillError(
                     f"{path} was exported for rig {meta['rig_hash']}, {meta['input_format']} input, batch "
                     f"{meta['batch']}; this bench runs rig {expected_hash}, {input_format}, batch {batch}")
-            engines[name] = _ort_engine(engine, path, n_threads)
+            engines[name] = _ort_engine(engine, path, n_threads, history)
         except Exception as exc:  # report, do not crash: compile in particular fails in many ways
             failures[name] = _one_line(exc)
 
@@ -1613,7 +1630,7 @@ def format_side_by_side(result: SideBySideResult) -> str:
 __all__ = [
     "BenchModel", "BenchResult", "BenchableModel", "DEFAULT_VARIANTS", "ENGINES", "EngineInputs", "GAUSSIAN_STAGES",
     "KIND_STAGES", "MatmulPeak", "PATHS", "PathProfile", "SPARSE_PRIOR_STAGES", "SPARSE_STAGES", "STAGES",
-    "SideBySideResult", "StageClock",
+    "SideBySideResult", "StageClock", "TEMPORAL_BENCH_NOTE",
     "StageTiming", "StagedOutput", "VARIANTS", "VariantResult", "benchmark", "count_export_flops", "count_stage_flops",
     "dataset_inputs", "format_side_by_side", "format_table", "forward_labels", "load_bench_model", "machine_info",
     "measure_peak_memory", "model_kind", "model_stages", "occscannet_rig", "open_bench_dataset", "output_labels",

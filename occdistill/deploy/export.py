@@ -25,6 +25,17 @@ Graph contract (``input_format``):
 Outputs: ``logits`` (B, X, Y, Z, K) float32 and ``labels`` (B, X, Y, Z) uint8 (argmax in the
 graph). Shapes are static (batch fixed at export), as TensorRT and INT8 calibration prefer.
 
+Temporal dense student (``cfg.temporal_frames`` F > 0): a second input ``history`` (B, F, C, X, Y)
+float32 (:data:`HISTORY_NAME`): the F earlier frames' lifted BEVs, newest first, ALREADY warped into
+the current ego frame, zeros where a slot has no usable earlier frame; and a third output
+``lifted_bev`` (B, C, X, Y) float32 (:data:`LIFTED_BEV_NAME`): this frame's pooled BEV before the
+fusion, the next frame's newest slot. The warp, the reset rule and the pose bookkeeping stay on the
+host (:class:`occdistill.nn.temporal.BEVHistory`, played by :class:`occdistill.deploy.stream.StreamRunner`),
+like the voxel filter: the reset rule compares scene names (strings) and the ego-motion transform
+is composed in float64 (global translations are kilometres, where float32 rounds to centimetres),
+neither of which a float32 graph can take; the graph keeps what is per-pixel work. Both are
+described in the sidecar (``extra_inputs``, ``extra_outputs``).
+
 Sparse (OPUS-style) student: exports with the dynamo exporter when the rig is fixed (the ego ->
 image projection is precomputed: ``torch.linalg.inv`` has no ONNX op), voxelisation included
 (boolean masks -> NonZero, ``index_add_`` -> ScatterND with reduction add, opset >= 16; both
@@ -46,7 +57,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -66,11 +77,18 @@ INPUT_FORMATS = ("uint8", "float32")
 EXPORTERS = ("dynamo", "torchscript")
 INPUT_NAME = "images"
 PRIOR_DEPTH_NAME = "prior_depth"  # second input of a sparse student with the depth branch
+HISTORY_NAME = "history"  # second input of a temporal dense student: earlier lifted BEVs, already warped
 OUTPUT_NAMES = ("logits", "labels")
+LIFTED_BEV_NAME = "lifted_bev"  # third output of a temporal dense student: this frame's BEV for the history
 META_PREFIX = "occdistill."
 RIG_WARNING = (
     "camera rig baked in: this model is valid ONLY for the calibration (intrinsics, image transform, "
     "camera poses, camera order, image size) it was exported with; re-export for another rig"
+)
+TEMPORAL_NOTE = (
+    f"temporal: the graph takes the {HISTORY_NAME} input (earlier lifted BEVs already warped into this frame, zeros "
+    f"= none) and returns {LIFTED_BEV_NAME}; the warp and reset rule run on the host (occdistill.nn.temporal."
+    "BEVHistory; occdistill.deploy.stream.StreamRunner plays a scene)"
 )
 # Parity bounds of an FP32 export against eager PyTorch: |logit diff| <= LOGIT_TOLERANCE x
 # max(1, max |logit|), argmax agreement >= 99.9% (the deployment issue's bound).
@@ -444,11 +462,16 @@ class ExportWrapper(nn.Module):
     Dense student: ``logits`` are the voxel logits (B, X, Y, Z, K); the model is switched to the
     rig's precomputed pooling plan (it stays in that deployment mode afterwards) and the camera
     matrices become (B, N, ...) buffers that the camera-aware depth net's MLP folds into constants.
+    A temporal one (``cfg.temporal_frames`` F > 0) takes ``history`` (B, F, C, X, Y) too
+    (:data:`HISTORY_NAME`) and returns ``lifted_bev`` (B, C, X, Y) third (:data:`LIFTED_BEV_NAME`).
     Sparse student: ``logits`` are the final decoder layer's per-point class logits (B, Q, R, K_occ);
     the ego -> image projection is precomputed (its ``linalg.inv`` has no ONNX op) and the
     voxelisation (score threshold, index_add scatter, closing) is part of the graph. With the depth
     branch (``cfg.depth_prior``) the forward takes ``prior_depth`` (B, N, H, W) metres too
     (:data:`PRIOR_DEPTH_NAME`). ``batch`` fixes B.
+
+    The forward's parameter names are the graph's input names (:attr:`input_names`): call it with
+    :meth:`feeds` of the inputs in that order.
     """
 
     def __init__(self, model: nn.Module, rig: Rig, *, batch: int = 1, input_format: str = "uint8"):
@@ -466,10 +489,6 @@ class ExportWrapper(nn.Module):
         device = model.pixel_mean.device
         cams = [t.to(device).float() for t in rig[:3]]
         if self.kind == "dense":
-            if model.cfg.temporal_frames:
-                # The graph takes images only: a temporal model would run with a zero history, silently.
-                raise OccDistillError("a temporal dense student (temporal_frames > 0) needs its BEV history as a "
-                                      "graph input, which export does not provide yet; export a single-frame model")
             model.set_fixed_rig(*cams)
             for name, t in zip(("intrinsics", "img_from_raw", "ego_from_cam"), cams):
                 self.register_buffer(name, t[None].expand(batch, *t.shape).contiguous(), persistent=False)
@@ -483,8 +502,18 @@ class ExportWrapper(nn.Module):
         return self.kind == "sparse" and self.model.cfg.depth_prior
 
     @property
+    def temporal_frames(self) -> int:
+        """F earlier frames in the :data:`HISTORY_NAME` input (0: a single-frame graph, no history)."""
+        return self.model.cfg.temporal_frames if self.kind == "dense" else 0
+
+    @property
     def input_names(self) -> tuple[str, ...]:
-        return (INPUT_NAME, PRIOR_DEPTH_NAME) if self.prior_depth else (INPUT_NAME,)
+        return ((INPUT_NAME,) + ((PRIOR_DEPTH_NAME,) if self.prior_depth else ())
+                + ((HISTORY_NAME,) if self.temporal_frames else ()))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES + ((LIFTED_BEV_NAME,) if self.temporal_frames else ())
 
     def input_shape(self) -> tuple[int, ...]:
         h, w = self.image_size
@@ -496,6 +525,11 @@ class ExportWrapper(nn.Module):
         """(B, N, H, W) of the prior depth input: one depth per network-input pixel and camera."""
         return (self.batch, self.cameras, *self.image_size)
 
+    def history_shape(self) -> tuple[int, int, int, int, int]:
+        """(B, F, C, X, Y) of the history input: F earlier lifted BEVs of C context channels."""
+        num_x, num_y, _ = self.model.grid.shape
+        return (self.batch, self.temporal_frames, self.model.cfg.context_channels, num_x, num_y)
+
     def example_input(self, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         if self.input_format == "uint8":
@@ -505,14 +539,26 @@ class ExportWrapper(nn.Module):
         return x.to(self.model.pixel_mean.device)
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Random graph inputs, in :attr:`input_names` order: images, and for the depth branch a
-        random prior depth map (:func:`synthetic_prior_depth`)."""
+        """Random graph inputs, in :attr:`input_names` order: images, for the depth branch a random
+        prior depth map (:func:`synthetic_prior_depth`), for a temporal model a standard-normal
+        history (not zeros: a parity check on it must exercise the fusion's history weights)."""
         images = self.example_input(seed)
-        if not self.prior_depth:
-            return (images,)
-        gen = torch.Generator().manual_seed(seed + 1)
-        depth, _ = synthetic_prior_depth(self.model.cfg.grid.range, self.prior_depth_shape(), gen, images.device)
-        return images, depth
+        extra = []
+        if self.prior_depth:
+            gen = torch.Generator().manual_seed(seed + 1)
+            depth, _ = synthetic_prior_depth(self.model.cfg.grid.range, self.prior_depth_shape(), gen, images.device)
+            extra.append(depth)
+        if self.temporal_frames:
+            gen = torch.Generator().manual_seed(seed + 2)
+            extra.append(torch.randn(self.history_shape(), generator=gen).to(images.device))
+        return (images, *extra)
+
+    def feeds(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Graph inputs in :attr:`input_names` order -> the forward's keyword arguments."""
+        if len(inputs) != len(self.input_names):
+            raise OccDistillError(f"this export takes {len(self.input_names)} input(s) "
+                                  f"({', '.join(self.input_names)}), got {len(inputs)}")
+        return dict(zip(self.input_names, inputs))
 
     def to_model_images(self, images: torch.Tensor) -> torch.Tensor:
         """Graph input -> (B, N, 3, H, W) float32 in [0, 1], exactly as the data pipeline makes it."""
@@ -521,16 +567,23 @@ class ExportWrapper(nn.Module):
             return images.permute(0, 1, 4, 2, 3).float() / 255.0
         return images
 
-    def forward(self, images: torch.Tensor,
-                prior_depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images in the input format; prior_depth (B, N, H, W) metres for the depth branch only."""
+    def forward(self, images: torch.Tensor, prior_depth: torch.Tensor | None = None,
+                history: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """images in the input format; prior_depth (B, N, H, W) metres for the depth branch only;
+        history (B, F, C, X, Y) for a temporal dense student only -> :attr:`output_names` in order."""
         if (prior_depth is not None) != self.prior_depth:
             raise OccDistillError("the sparse depth-prior model takes images and prior_depth" if self.prior_depth
-                                  else "this model takes images only (no prior_depth input)")
+                                  else "this model takes no prior_depth input")
+        if (history is not None) != bool(self.temporal_frames):
+            raise OccDistillError("the temporal dense student takes images and history" if self.temporal_frames
+                                  else "this model takes no history input (a single-frame graph)")
         x = self.to_model_images(images)
         if self.kind == "dense":
-            logits = self.model(x, self.intrinsics, self.img_from_raw, self.ego_from_cam).voxel_logits
-            return logits, logits.argmax(dim=-1).to(torch.uint8)
+            out = self.model(x, self.intrinsics, self.img_from_raw, self.ego_from_cam, history)
+            labels = out.voxel_logits.argmax(dim=-1).to(torch.uint8)
+            if self.temporal_frames:
+                return out.voxel_logits, labels, out.lifted_bev
+            return out.voxel_logits, labels
         from occdistill.models.sparse import SparseOutput
 
         m = self.model
@@ -704,13 +757,40 @@ def _io_info(values: Any) -> tuple[TensorInfo, ...]:
     return tuple(out)
 
 
+def _history_input(batch: int, frames: int, channels: int, grid_shape: Sequence[int]) -> dict[str, Any]:
+    """Sidecar description of a temporal dense student's :data:`HISTORY_NAME` input."""
+    return {
+        "name": HISTORY_NAME, "shape": [batch, frames, channels, grid_shape[0], grid_shape[1]], "dtype": "float32",
+        "layout": "B,F,C,X,Y (earlier frames newest first; C context channels; BEV cells indexed [x, y] like the "
+                  "voxel grid)",
+        "meaning": (f"the lifted BEVs ({LIFTED_BEV_NAME} output) of the F earlier frames of the stream, warped into "
+                    "the current frame's ego frame by the ego motion (occdistill.nn.temporal.BEVHistory.warped: "
+                    "bilinear, planar at z = 0); zeros = no usable earlier frame (scene start, another scene, "
+                    "implausible ego motion: BEVHistory's reset rule)"),
+        "frames": frames,
+    }
+
+
+def _lifted_bev_output(batch: int, channels: int, grid_shape: Sequence[int]) -> dict[str, Any]:
+    """Sidecar description of a temporal dense student's :data:`LIFTED_BEV_NAME` output."""
+    return {
+        "name": LIFTED_BEV_NAME, "shape": [batch, channels, grid_shape[0], grid_shape[1]], "dtype": "float32",
+        "layout": "B,C,X,Y",
+        "meaning": (f"this frame's pooled BEV before the temporal fusion, in this frame's ego frame: push it with this "
+                    f"frame's key ego pose into the history (BEVHistory.push) to build the next frame's "
+                    f"{HISTORY_NAME} input"),
+    }
+
+
 def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int, exporter: str, opset: int,
                     model_name: str = "dense") -> dict[str, Any]:
     """Everything a runtime needs to use (or refuse) the exported file, JSON-able. ``extra_inputs``
-    describes the inputs after the images (the sparse depth branch's prior depth map), in order."""
+    describes the inputs after the images (the sparse depth branch's prior depth map, a temporal
+    dense student's BEV history), in order; ``extra_outputs`` the outputs after logits and labels
+    (a temporal dense student's lifted BEV)."""
     cfg = model.cfg
     kind = _model_kind(model)
-    extra_inputs = []
+    extra_inputs, extra_outputs = [], []
     if kind == "sparse" and cfg.depth_prior:
         extra_inputs.append({
             "name": PRIOR_DEPTH_NAME, "shape": [batch, len(rig.camera_names), *cfg.image_size], "dtype": "float32",
@@ -719,6 +799,9 @@ def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int
                         "(the evaluation transform of the images applied to the depth map, nearest), 0 = no prior "
                         "depth at that pixel"),
         })
+    if kind == "dense" and cfg.temporal_frames:
+        extra_inputs.append(_history_input(batch, cfg.temporal_frames, cfg.context_channels, model.grid.shape))
+        extra_outputs.append(_lifted_bev_output(batch, cfg.context_channels, model.grid.shape))
     return {
         "model_kind": kind,
         "logits": "voxel logits (B,X,Y,Z,K)" if kind == "dense" else "final-layer point class logits (B,Q,R,K_occ)",
@@ -732,6 +815,7 @@ def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int
         "input_format": input_format,
         "input_layout": "B,N,H,W,3 uint8 RGB" if input_format == "uint8" else "B,N,3,H,W float32 in [0,1]",
         "extra_inputs": extra_inputs,
+        "extra_outputs": extra_outputs,
         "rig": rig_to_dict(rig, cfg.image_size),
         "frustum": FrustumSpec.of(model).to_dict(),
         "grid_shape": list(model.grid.shape),
@@ -745,12 +829,17 @@ def export_metadata(model: nn.Module, rig: Rig, *, input_format: str, batch: int
 
 def _export_graph(wrapper: ExportWrapper, example: tuple[torch.Tensor, ...], path: Path, exporter: str,
                   opset: int) -> None:
-    names = dict(input_names=list(wrapper.input_names), output_names=list(OUTPUT_NAMES), opset_version=opset)
+    names = dict(input_names=list(wrapper.input_names), output_names=list(wrapper.output_names), opset_version=opset)
+    # The inputs after the images go by keyword: the forward's optional parameters (prior_depth,
+    # history) are named like the graph inputs, so either may come second.
+    feeds = wrapper.feeds(example)
+    args, kwargs = (feeds.pop(INPUT_NAME),), feeds
     if exporter == "dynamo":
-        program = torch.onnx.export(wrapper, example, dynamo=True, external_data=False, optimize=True, **names)
+        program = torch.onnx.export(wrapper, args, kwargs=kwargs, dynamo=True, external_data=False, optimize=True,
+                                    **names)
         program.save(str(path))
     else:
-        torch.onnx.export(wrapper, example, str(path), dynamo=False, do_constant_folding=True, **names)
+        torch.onnx.export(wrapper, args, str(path), kwargs=kwargs, dynamo=False, do_constant_folding=True, **names)
 
 
 def export_onnx(
@@ -810,15 +899,18 @@ def export_onnx(
     proto.doc_string = RIG_WARNING
     actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     atomic_write_bytes(path, proto.SerializeToString())
+    notes = [RIG_WARNING, f"{reshaped} size-1 Transpose(s) rewritten as Reshape",
+             "nn.Softplus exported as relu(x) + log1p(exp(-|x|)) (vectorised ops)",
+             "dense: head Linear layers with the bias as an extra input row (one MatMul, no bias pass); "
+             "depth x context taken for the pooled points only (gather, then multiply)"]
+    if wrapper.temporal_frames:
+        notes.append(TEMPORAL_NOTE)
     info = ExportInfo(
         path=path, sidecar=sidecar_path(path), opset=int(actual_opset), exporter=exporter,
         inputs=_io_info(proto.graph.input), outputs=_io_info(proto.graph.output), input_format=input_format,
         rig_hash=meta["rig_hash"], camera_names=tuple(rig.camera_names), image_size=tuple(model.cfg.image_size),
         sha256=file_sha256(path), size_bytes=path.stat().st_size, seconds=round(time.perf_counter() - start, 2),
-        notes=(RIG_WARNING, f"{reshaped} size-1 Transpose(s) rewritten as Reshape",
-               "nn.Softplus exported as relu(x) + log1p(exp(-|x|)) (vectorised ops)",
-               "dense: head Linear layers with the bias as an extra input row (one MatMul, no bias pass); "
-               "depth x context taken for the pooled points only (gather, then multiply)"),
+        notes=tuple(notes),
     )
     atomic_write_json(info.sidecar, {**meta, "file": path.name, "sha256": info.sha256, "size_bytes": info.size_bytes,
                                      "inputs": [asdict(t) for t in info.inputs],
@@ -965,13 +1057,28 @@ def make_session(path: str | Path, threads: int | None = None, optimization: str
         raise OccDistillError(f"{path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0]})") from exc
 
 
+@dataclass(frozen=True)
+class _ExtraInput:
+    """An optional graph input after the images, as the runtime's errors name it."""
+
+    name: str
+    what: str
+    detail: str
+
+
+_PRIOR_DEPTH_INPUT = _ExtraInput(PRIOR_DEPTH_NAME, "a prior depth map", f"{PRIOR_DEPTH_NAME}, metres")
+_HISTORY_INPUT = _ExtraInput(HISTORY_NAME, "a BEV history", f"{HISTORY_NAME}: B, F, C, X, Y, the earlier frames' "
+                             "lifted BEVs warped into this frame, zeros = no usable earlier frame")
+
+
 class OnnxOccModel:
     """An exported student in onnxruntime, with its baked rig.
 
     :meth:`run` takes images in the export's ``input_format`` (and, for a sparse student with the
-    depth branch, the prior depth map: :attr:`prior_depth_shape`); :meth:`check_rig` refuses a
-    frame calibration that differs from the baked rig (names/order, count, or geometry beyond
-    ``rig_tolerance_m``, default half a BEV cell).
+    depth branch, the prior depth map: :attr:`prior_depth_shape`; for a temporal dense student the
+    warped BEV history: :attr:`history_shape`, streamed by :class:`occdistill.deploy.stream.StreamRunner`);
+    :meth:`check_rig` refuses a frame calibration that differs from the baked rig (names/order,
+    count, or geometry beyond ``rig_tolerance_m``, default half a BEV cell).
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None, optimization: str = "all",
@@ -987,10 +1094,18 @@ class OnnxOccModel:
         self.session = make_session(self.path, threads, optimization, spin)
         inputs = self.session.get_inputs()
         self.input_name, self.input_shape = inputs[0].name, tuple(inputs[0].shape)
-        # The depth branch's prior depth map, when the graph has that second input.
-        prior = next((i for i in inputs[1:] if i.name == PRIOR_DEPTH_NAME), None)
-        self.prior_depth_shape = tuple(prior.shape) if prior is not None else None
+        self.input_names = tuple(i.name for i in inputs)
+        # The inputs after the images, when the graph has them: the depth branch's prior depth map,
+        # a temporal student's BEV history.
+        extra = {i.name: tuple(i.shape) for i in inputs[1:]}
+        self.prior_depth_shape = extra.get(PRIOR_DEPTH_NAME)
+        self.history_shape = extra.get(HISTORY_NAME)
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def grid(self) -> VoxelGrid:
+        """The voxel grid of the outputs (and of the BEV history's cells)."""
+        return VoxelGrid(self.frustum.grid_range, self.frustum.voxel_size)
 
     def check_rig(self, intrinsics: Any, img_from_raw: Any, ego_from_cam: Any,
                   camera_names: Sequence[str] | None = None) -> RigCheck:
@@ -1026,23 +1141,36 @@ class OnnxOccModel:
             return np.ascontiguousarray(np.rint(x.transpose(0, 1, 3, 4, 2) * 255.0).clip(0, 255).astype(np.uint8))
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def _extra_feed(self, spec: _ExtraInput, expected: tuple[int, ...] | None,
+                    value: np.ndarray | None) -> np.ndarray | None:
+        """One input after the images, checked against the graph: present exactly when the graph
+        takes it (``expected`` its shape, None: not taken), of that shape; as float32."""
+        if expected is None:
+            if value is not None:
+                raise OccDistillError(f"{self.path.name}: the export has no {spec.name} input (it takes "
+                                      f"{', '.join(self.input_names)})")
+            return None
+        if value is None:
+            raise OccDistillError(f"{self.path.name}: the export takes {spec.what} {expected} ({spec.detail}) besides "
+                                  "the images")
+        if tuple(value.shape) != expected:
+            raise OccDistillError(f"{self.path.name}: {spec.name} {tuple(value.shape)}, the export takes {expected} "
+                                  f"({spec.detail})")
+        return np.ascontiguousarray(value, dtype=np.float32)
+
     def run(self, images: np.ndarray, outputs: Sequence[str] | None = None,
-            prior_depth: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Graph input (already in the export's layout) and, for the depth branch, the prior depth
-        map (B, N, H, W) metres -> {output name: array}."""
+            prior_depth: np.ndarray | None = None, history: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Graph input (already in the export's layout), for the depth branch the prior depth map
+        (B, N, H, W) metres, for a temporal student the BEV history (B, F, C, X, Y) (earlier
+        lifted BEVs warped into this frame, zeros = none) -> {output name: array}."""
         if tuple(images.shape) != self.input_shape:
             raise OccDistillError(f"{self.path.name}: input {tuple(images.shape)}, the export takes {self.input_shape}")
         feed = {self.input_name: images}
-        if self.prior_depth_shape is not None:
-            if prior_depth is None:
-                raise OccDistillError(f"{self.path.name}: the export takes a prior depth map {self.prior_depth_shape} "
-                                      f"({PRIOR_DEPTH_NAME}, metres) besides the images")
-            if tuple(prior_depth.shape) != self.prior_depth_shape:
-                raise OccDistillError(f"{self.path.name}: {PRIOR_DEPTH_NAME} {tuple(prior_depth.shape)}, the export "
-                                      f"takes {self.prior_depth_shape}")
-            feed[PRIOR_DEPTH_NAME] = np.ascontiguousarray(prior_depth, dtype=np.float32)
-        elif prior_depth is not None:
-            raise OccDistillError(f"{self.path.name}: the export takes images only (no {PRIOR_DEPTH_NAME} input)")
+        for spec, expected, value in ((_PRIOR_DEPTH_INPUT, self.prior_depth_shape, prior_depth),
+                                      (_HISTORY_INPUT, self.history_shape, history)):
+            array = self._extra_feed(spec, expected, value)
+            if array is not None:
+                feed[spec.name] = array
         names = list(outputs) if outputs is not None else self.output_names
         return dict(zip(names, self.session.run(names, feed)))
 
@@ -1084,6 +1212,10 @@ def evaluate_onnx(onnx_model: OnnxOccModel, dataset: Any, *, rayiou: bool = Fals
     if onnx_model.meta.get("model_kind", "dense") != "dense":
         raise OccDistillError(f"{onnx_model.path.name}: evaluation of exported {onnx_model.meta['model_kind']} "
                               "students is not supported (engine.evaluate reads voxel logits)")
+    if onnx_model.history_shape is not None:
+        raise OccDistillError(f"{onnx_model.path.name}: evaluation of an exported temporal student is not supported "
+                              f"(engine.evaluate cannot stream its {HISTORY_NAME} input frame by frame); play its "
+                              "scenes with occdistill.deploy.stream.StreamRunner")
     onnx_model.check_dataset(dataset)
     adapter = OnnxEvalAdapter(onnx_model)
     report = evaluate(adapter, dataset, torch.device("cpu"), batch_size=onnx_model.input_shape[0], rayiou=rayiou,
@@ -1099,11 +1231,14 @@ def evaluate_onnx(onnx_model: OnnxOccModel, dataset: Any, *, rayiou: bool = Fals
 @dataclass(frozen=True)
 class Parity:
     """onnxruntime vs eager PyTorch (same rig, same inputs): largest and mean |logit difference|,
-    largest |logit| (the scale), share of voxels whose argmax agrees, over how many voxels/frames.
+    largest |logit| (the scale), share of voxels whose argmax agrees, over how many voxels/frames;
+    for a temporal graph also the largest |lifted_bev difference| and |lifted_bev| (None otherwise:
+    that output feeds the next frame's history, so its error would carry over).
 
     ``ok``: max |diff| <= ``logit_tolerance`` x max(1, max |logit|) (float32 reassociation errors
-    grow with the logits' scale: ~2e-5 relative for trained street-tiny, whose logits reach ~40)
-    and agreement >= ``agreement_bound``; a None bound is not checked."""
+    grow with the logits' scale: ~2e-5 relative for trained street-tiny, whose logits reach ~40),
+    the same relative bound on the lifted BEV, and agreement >= ``agreement_bound``; a None bound
+    is not checked."""
 
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
@@ -1113,36 +1248,52 @@ class Parity:
     frames: int
     logit_tolerance: float | None = LOGIT_TOLERANCE
     agreement_bound: float | None = MIN_ARGMAX_AGREEMENT
+    max_abs_bev_diff: float | None = None
+    max_abs_bev: float | None = None
 
     @property
     def allowed_logit_diff(self) -> float | None:
         return None if self.logit_tolerance is None else self.logit_tolerance * max(1.0, self.max_abs_logit)
 
     @property
+    def allowed_bev_diff(self) -> float | None:
+        if self.logit_tolerance is None or self.max_abs_bev is None:
+            return None
+        return self.logit_tolerance * max(1.0, self.max_abs_bev)
+
+    @property
     def ok(self) -> bool:
-        return ((self.logit_tolerance is None or self.max_abs_logit_diff <= self.allowed_logit_diff)
+        bev_ok = self.allowed_bev_diff is None or self.max_abs_bev_diff <= self.allowed_bev_diff
+        return ((self.logit_tolerance is None or self.max_abs_logit_diff <= self.allowed_logit_diff) and bev_ok
                 and (self.agreement_bound is None or self.argmax_agreement >= self.agreement_bound))
 
     def summary(self) -> str:
         bounds = []
         if self.logit_tolerance is not None:
             bounds.append(f"|diff| <= {self.allowed_logit_diff:.3g} = {self.logit_tolerance:g} x max(1, max|logit|)")
+        if self.allowed_bev_diff is not None:
+            bounds.append(f"|{LIFTED_BEV_NAME} diff| <= {self.allowed_bev_diff:.3g}")
         if self.agreement_bound is not None:
             bounds.append(f"agreement >= {100 * self.agreement_bound:.1f}%")
         verdict = (("PASS" if self.ok else "FAIL") + f" ({', '.join(bounds)})") if bounds else "not checked"
+        bev = ("" if self.max_abs_bev_diff is None else f", max |{LIFTED_BEV_NAME} diff| {self.max_abs_bev_diff:.3g} "
+               f"(max |{LIFTED_BEV_NAME}| {self.max_abs_bev:.3g})")
         return (f"parity over {self.frames} frame(s), {self.voxels} voxels: max |logit diff| "
                 f"{self.max_abs_logit_diff:.3g} (max |logit| {self.max_abs_logit:.3g}), mean "
-                f"{self.mean_abs_logit_diff:.3g}, argmax agreement {100 * self.argmax_agreement:.4f}% -> {verdict}")
+                f"{self.mean_abs_logit_diff:.3g}, argmax agreement {100 * self.argmax_agreement:.4f}%{bev} "
+                f"-> {verdict}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "allowed_logit_diff": self.allowed_logit_diff, "ok": self.ok}
+        return {**asdict(self), "allowed_logit_diff": self.allowed_logit_diff,
+                "allowed_bev_diff": self.allowed_bev_diff, "ok": self.ok}
 
 
 GraphInput = Union[torch.Tensor, np.ndarray, tuple[Union[torch.Tensor, np.ndarray], ...]]
 
 
 def _arrays(x: GraphInput) -> tuple[np.ndarray, ...]:
-    """One parity input -> its graph arrays: the images alone, or (images, prior depth map)."""
+    """One parity input -> its graph arrays in the graph's input order: the images alone, or a tuple
+    (images, prior depth map) / (images, history)."""
     parts = x if isinstance(x, tuple) else (x,)
     return tuple(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in parts)
 
@@ -1159,8 +1310,9 @@ def check_parity(
     verbose: bool = True,
 ) -> Parity:
     """Run the eager model (a copy switched to the export's baked rig) and onnxruntime on the same
-    ``inputs`` (each the graph input in the export's layout, or for the sparse depth branch the pair
-    (images, prior depth map)) and compare the logits and labels.
+    ``inputs`` (each the graph inputs in the export's layout and input order: the images, or for
+    the sparse depth branch (images, prior depth map), for a temporal student (images, history))
+    and compare the logits, labels and (temporal) lifted BEVs.
 
     Prints :meth:`Parity.summary` (``verbose``) and raises :class:`OccDistillError` outside the
     bounds when ``raise_on_failure``. Pass None bounds for reduced-precision variants (reported only).
@@ -1173,22 +1325,31 @@ def check_parity(
     # A copy: the wrapper switches its model to the baked rig's pooling; the caller's stays as it is.
     wrapper = ExportWrapper(copy.deepcopy(model), ort_model.rig, batch=ort_model.input_shape[0],
                             input_format=ort_model.input_format).eval()
+    temporal = bool(wrapper.temporal_frames)
     max_diff, sum_diff, logits_n, max_logit, agree, voxels = 0.0, 0.0, 0, 0.0, 0, 0
+    max_bev_diff, max_bev = (0.0, 0.0) if temporal else (None, None)
     for x in inputs:
         arrays = _arrays(x)
+        feeds = wrapper.feeds(tuple(torch.from_numpy(a).to(device) for a in arrays))
         with torch.inference_mode():
-            ref_logits, ref_labels = wrapper(*(torch.from_numpy(a).to(device) for a in arrays))
-        got = ort_model.run(arrays[0], prior_depth=arrays[1] if len(arrays) > 1 else None)
-        ref = ref_logits.cpu().numpy().astype(np.float64)
+            ref_out = [t.cpu().numpy() for t in wrapper(**feeds)]  # wrapper.output_names, in order
+        named = dict(zip(wrapper.input_names, arrays))
+        got = ort_model.run(named[INPUT_NAME], prior_depth=named.get(PRIOR_DEPTH_NAME),
+                            history=named.get(HISTORY_NAME))
+        ref = ref_out[0].astype(np.float64)
         diff = np.abs(got["logits"].astype(np.float64) - ref)
         max_diff = max(max_diff, float(diff.max()))
         max_logit = max(max_logit, float(np.abs(ref).max()))
         sum_diff += float(diff.sum())
         logits_n += diff.size
-        agree += int((got["labels"] == ref_labels.cpu().numpy()).sum())
+        agree += int((got["labels"] == ref_out[1]).sum())
         voxels += int(got["labels"].size)
+        if temporal:
+            ref_bev = ref_out[2].astype(np.float64)
+            max_bev_diff = max(max_bev_diff, float(np.abs(got[LIFTED_BEV_NAME].astype(np.float64) - ref_bev).max()))
+            max_bev = max(max_bev, float(np.abs(ref_bev).max()))
     parity = Parity(max_diff, sum_diff / max(logits_n, 1), max_logit, agree / max(voxels, 1), voxels, len(inputs),
-                    logit_tolerance, agreement_bound)
+                    logit_tolerance, agreement_bound, max_bev_diff, max_bev)
     if verbose:
         print(f"{ort_model.path.name}: {parity.summary()}")
     if raise_on_failure and not parity.ok:
@@ -1198,8 +1359,8 @@ def check_parity(
 
 __all__ = [
     "EXPORTERS", "ExportInfo", "ExportLinear", "ExportSoftplus", "ExportWrapper", "FramePreprocessor", "FrustumSpec",
-    "GatheredPool", "GraphInput", "INPUT_FORMATS", "OnnxEvalAdapter", "OnnxOccModel", "PRIOR_DEPTH_NAME", "Parity",
-    "RIG_WARNING", "RigCheck",
+    "GatheredPool", "GraphInput", "HISTORY_NAME", "INPUT_FORMATS", "LIFTED_BEV_NAME", "OnnxEvalAdapter",
+    "OnnxOccModel", "PRIOR_DEPTH_NAME", "Parity", "RIG_WARNING", "RigCheck", "TEMPORAL_NOTE",
     "RigFrames", "SPARSE_TORCHSCRIPT_REASON", "TensorInfo", "check_parity", "compare_rig", "dataset_subset",
     "default_rig_tolerance", "enable_gathered_splat", "evaluate_onnx", "export_metadata", "export_onnx",
     "exportable_copy", "frame_calibration", "frame_image_paths", "make_session", "max_frustum_shift",

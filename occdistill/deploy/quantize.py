@@ -224,6 +224,12 @@ def quantize_int8(
     src_meta = read_metadata(src)
     src_proto = _load(src)
     input_name = src_proto.graph.input[0].name
+    others = [i.name for i in src_proto.graph.input[1:]]
+    if others:
+        # The reader feeds images only; a temporal graph's history (or a prior depth map) calibrated
+        # on stand-in values would give its branch the wrong activation ranges.
+        raise OccDistillError(f"{src}: INT8 calibration feeds the images only, and this graph also takes "
+                              f"{', '.join(others)}; export this model in FP32 (or FP16)")
     excluded = [*pooling_node_names(src_proto), *exclude_nodes]
     reader_cls = type("_Reader", (FrameCalibrationReader, CalibrationDataReader), {})
     reader = reader_cls(input_name, frames)

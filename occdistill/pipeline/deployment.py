@@ -27,6 +27,8 @@ from occdistill.deploy.export import (
 )
 from occdistill.deploy.quantize import VARIANT_FILES, calibration_frames, quantize_int8
 from occdistill.engine.data import open_split
+from occdistill.engine.tasks import temporal_frames
+from occdistill.errors import OccDistillError
 from occdistill.geometry.grid import VoxelGrid
 from occdistill.models.dense import DenseStudent
 from occdistill.pipeline.markdown import ms_cell
@@ -174,6 +176,11 @@ def deploy_student(run_dir: str | Path, iters: int, with_compile: bool, out: Pat
     start = time.perf_counter()
     loaded = load_bench_model(checkpoint=run_dir)
     model = loaded.model.eval()
+    if temporal_frames(model):
+        # Its parity frames, INT8 calibration and costmap frame would need streamed histories.
+        raise OccDistillError(f"{run_dir}: the demo's deployment stages are made for a single-frame student, this one "
+                              "fuses earlier frames (model.dense.temporal_frames > 0); export it with `occdistill "
+                              "export --precision fp32` and play it with occdistill.deploy.stream.StreamRunner")
     train_set, val_set = (open_split(loaded.data, split, augment=False) for split in ("train", "val"))
     deploy_dir = out / "deploy"
     export = _export_student(model, loaded.name, train_set, val_set, deploy_dir)

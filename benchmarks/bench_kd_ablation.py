@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_kd_ablation.py [--data outputs/bench/street]
         [--work outputs/bench/kd_ablation] [--seeds 0,1] [--student-steps 200] [--teacher-steps 420]
-        [--teacher-config street-teacher] [--procs 2] [--latency-repeats 30] [--sweep] [--smoke]
+        [--teacher-config street-teacher] [--procs 2] [--latency-repeats 30] [--sweep] [--variants V,...] [--smoke]
 
 On the synthetic street world (20 scenes x 8 frames, the last 3 scenes are the val split; made by
 ``generate("street", DIR, 20, 8, 0, overrides=["split.val_scenes=3"])`` when --data does not hold
@@ -28,7 +28,8 @@ it yet), with the same split, seeds and step budget for every student:
 ``--sweep`` also trains, for every seed, what else was tried (:data:`SWEEP_KD`, listed before its
 runs): CWD at tau 4, 3x the CWD or the MFD weight, MFD mask dilation 0 or 3, plain MSE instead of
 PKD normalisation (each one change to ``both``) and Hinton per-voxel KD alone; reported in a
-``sweep`` section, never as the headline.
+``sweep`` section, never as the headline. ``--variants no_kd,both,NAME --seeds 2,3`` trains only
+those students, e.g. to check a swept setting on seeds it was not picked on.
 
 Declared before any run (never picked on val): the distillation weights below (unit weights, the
 seed's loss with MFD on the teacher's BEV feature, PKD-normalised, and CWD at tau 1; at the
@@ -68,7 +69,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: the workers inherit it
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -248,6 +249,24 @@ def variant_kd(variant: str) -> KDVariant | None:
     if variant in SWEEP_KD:
         return SWEEP_KD[variant]
     return VARIANT_KD[variant]
+
+
+def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any]
+                      ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(ablation variants, sweep variants) to train: all of :data:`VARIANTS` (and :data:`SWEEP_VARIANTS`
+    with ``sweep``) by default, else the comma-separated ``spec`` in declaration order, which must
+    name known variants including no_kd and the headline one (``error`` reports a bad spec)."""
+    if spec is None:
+        return VARIANTS, SWEEP_VARIANTS if sweep else ()
+    names = {v.strip() for v in spec.split(",") if v.strip()}
+    unknown = sorted(names - set(VARIANTS) - set(SWEEP_VARIANTS))
+    if unknown:
+        error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join((*VARIANTS, *SWEEP_VARIANTS))})")
+    missing = sorted({"no_kd", DISTILLED_VARIANT} - names)
+    if missing:
+        error(f"--variants must include {', '.join(missing)} (the headline's student and distilled variants)")
+    return (tuple(v for v in VARIANTS if v in names),
+            tuple(v for v in SWEEP_VARIANTS if v in names or sweep))
 
 
 def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature") -> list[str]:
@@ -656,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny world, tiny models, 2-3 steps (tests)")
     parser.add_argument("--sweep", action="store_true", help="also train the sweep variants (SWEEP_KD: temperature, "
                         "weights, mask dilation, MFD normalisation, Hinton KD), after the ablation's")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated students to train instead (ablation and sweep names; must include "
+                        f"no_kd and {DISTILLED_VARIANT}), e.g. to check a swept setting on other seeds")
     args = parser.parse_args(argv)
     if not 1 <= args.procs <= 2:
         parser.error("--procs must be 1 or 2 (a 2-core machine)")
@@ -713,8 +735,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Order = priority among ready jobs: the teacher first, the no-KD students beside it, then the
     # headline variant for every seed, then the others.
-    order = [DISTILLED_VARIANT, *(v for v in VARIANTS if v not in ("no_kd", DISTILLED_VARIANT))]
-    swept = SWEEP_VARIANTS if args.sweep else ()
+    ablation, swept = selected_variants(args.variants, args.sweep, parser.error)
+    order = [DISTILLED_VARIANT, *(v for v in ablation if v not in ("no_kd", DISTILLED_VARIANT))]
     jobs = [teacher, *(student("no_kd", s) for s in seeds), *shares, finalize,
             *(student(v, s) for v in (*order, *swept) for s in seeds)]
     print(f"kd ablation: {len(jobs)} jobs, {args.procs} at a time, 1 thread each; work {work}; "
@@ -727,14 +749,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[{_clock(t_start)}] latency: teacher vs student, batch 1, 1 thread, "
           f"{args.latency_repeats} forwards each", flush=True)
-    student_runs = {(v, s): work / "students" / f"{v}_s{s}" for v in (*VARIANTS, *swept) for s in seeds}
+    student_runs = {(v, s): work / "students" / f"{v}_s{s}" for v in (*ablation, *swept) for s in seeds}
     latency = measure_latency(teacher_run, student_runs[(DISTILLED_VARIANT, seeds[0])], args.latency_repeats, warmup)
 
     teacher_summary = _run_summary(teacher_run)
     no_kd = {s: _run_summary(student_runs[("no_kd", s)])["mIoU"] for s in seeds}
-    variants = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in VARIANTS}
+    variants = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in ablation}
     sweep = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in swept}
-    headline = summarize(teacher_summary["mIoU"], {s: {v: variants[v]["per_seed"][str(s)]["mIoU"] for v in VARIANTS}
+    headline = summarize(teacher_summary["mIoU"], {s: {v: variants[v]["per_seed"][str(s)]["mIoU"] for v in ablation}
                                                    for s in seeds})
     lat_summary = latency_summary(latency["teacher"]["median_ms"], latency["student"]["median_ms"])
     from occdistill.engine.config import load_train_config

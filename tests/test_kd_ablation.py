@@ -130,6 +130,20 @@ def test_every_teacher_setup_gives_valid_configs(bench, teacher):
         assert v == "no_kd" or cfg.distill.dense.mfd_target == setup.mfd_target
 
 
+def test_selected_variants(bench):
+    def error(message):
+        raise ValueError(message)
+
+    assert bench.selected_variants(None, False, error) == (bench.VARIANTS, ())
+    assert bench.selected_variants(None, True, error) == (bench.VARIANTS, bench.SWEEP_VARIANTS)
+    # declaration order, whatever the order given; ablation and sweep names split apart
+    assert bench.selected_variants("both_feat3, both,no_kd", False, error) == (("no_kd", "both"), ("both_feat3",))
+    with pytest.raises(ValueError, match="unknown both_tau9"):
+        bench.selected_variants("no_kd,both,both_tau9", False, error)
+    with pytest.raises(ValueError, match="must include no_kd"):
+        bench.selected_variants("both,mfd", False, error)
+
+
 def test_smoke_run_writes_the_report(tmp_path, bench):
     work = tmp_path / "work"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--work", str(work), "--sweep"],

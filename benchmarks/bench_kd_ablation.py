@@ -610,12 +610,13 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_pm(row['mean']['RayIoU'])} | "
                      + " | ".join(_fmt(row["per_seed"][str(s)]["mIoU"]) for s in seeds) + " |")
     if report.get("sweep"):
-        lines += ["", "What else was tried (`--sweep`: one change to `both` each, or Hinton KD alone; not the headline):",
-                  "", "| variant | change | mIoU | mIoU - no_kd | RayIoU | " + " | ".join(f"mIoU seed {s}" for s in seeds)
-                  + " |", "|---|---|---|---|---|" + "---|" * len(seeds)]
+        seed_columns = " | ".join(f"mIoU seed {s}" for s in seeds)
+        lines += ["", "What else was tried (`--sweep`: one change to `both` each, or Hinton KD alone; "
+                      "not the headline):", "", f"| variant | change | mIoU | mIoU - no_kd | RayIoU | {seed_columns} |",
+                  "|---|---|---|---|---|" + "---|" * len(seeds)]
         for v, row in report["sweep"].items():
-            lines.append(f"| {v} | {_change_text(row['distill'])} | {_pm(row['mean']['mIoU'])} | {_pm(row['mIoU_minus_no_kd'])} | "
-                         f"{_pm(row['mean']['RayIoU'])} | "
+            lines.append(f"| {v} | {_change_text(row['distill'])} | {_pm(row['mean']['mIoU'])} | "
+                         f"{_pm(row['mIoU_minus_no_kd'])} | {_pm(row['mean']['RayIoU'])} | "
                          + " | ".join(_fmt(row["per_seed"][str(s)]["mIoU"]) for s in seeds) + " |")
     g = h["mean"]["gap_closed"]
     tg = h["targets"]
@@ -638,7 +639,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"student {lat['student']['params_M']} M / {_fmt(lat['student']['gmacs'])}",
         f"- machine: {report['machine']['cpu_count']} cores, load average at start "
         f"{report['machine']['loadavg_at_start'][0]}, at end {report['machine']['loadavg_at_end'][0]}; "
-        f"wall {report['wall_minutes']} min",
+        f"wall {report['wall_minutes']} min for this invocation "
+        f"({len(report['jobs']['reused_from_earlier_invocations'])} of {report['jobs']['total']} jobs reused from "
+        "earlier ones; each run's train_minutes is in the JSON)",
         "",
     ]
     return "\n".join(lines)
@@ -743,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
           f"teacher {args.teacher_steps} steps, students {args.student_steps} steps, seeds {seeds}; "
           f"load average {load_start[0]:.1f}", flush=True)
     load_samples: list[float] = [load_start[0]]
-    run_jobs(jobs, args.procs, dump, teacher_run, poll_s, progress_s, load_samples)
+    done = run_jobs(jobs, args.procs, dump, teacher_run, poll_s, progress_s, load_samples)
+    reused = [job.name for job in jobs if done[job.name].get("reused")]
     if not (dump / "manifest_train.json").is_file():
         raise SystemExit(f"{dump}: the dump has no manifest after all shares finished")
 
@@ -780,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                     "loadavg_1min_mean_during_run": round(sum(loads) / len(loads), 2)},
         "wall_minutes": round((time.time() - t_start) / 60, 1),
+        # a re-run reuses finished runs: its wall time is not the benchmark's (each run's own
+        # train_minutes are in its summary)
+        "jobs": {"total": len(jobs), "reused_from_earlier_invocations": reused},
         "data": {"root": str(data), "train_samples": n_train, "val_samples": n_val,
                  "recipe": "generate('street', DIR, 20, 8, 0, overrides=['split.val_scenes=3'])" if not args.smoke
                  else "smoke: 2 scenes x 2 frames, tiny rig"},

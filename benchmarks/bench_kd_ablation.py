@@ -26,7 +26,7 @@ it yet), with the same split, seeds and step budget for every student:
 5. writes ``benchmarks/results/kd_ablation.json`` and ``kd_ablation.md``.
 
 ``--sweep`` also trains, for every seed, what else was tried (:data:`SWEEP_KD`, listed before its
-runs): CWD at tau 4, 3x the CWD or 3x or 10x the MFD weight, MFD mask dilation 0 or 3, plain MSE instead of
+runs): CWD at tau 4, 3x the CWD or 3x, 10x or 30x the MFD weight, MFD mask dilation 0 or 3, plain MSE instead of
 PKD normalisation (each one change to ``both``) and Hinton per-voxel KD alone; reported in a
 ``sweep`` section, never as the headline. ``--variants no_kd,both,NAME --seeds 2,3`` trains only
 those students, e.g. to check a swept setting on seeds it was not picked on.
@@ -117,6 +117,7 @@ SWEEP_KD: dict[str, KDVariant] = {
     "both_logit3": KDVariant(LAMBDA_FEAT, 3.0, "compact"),
     "both_feat3": KDVariant(3.0, LAMBDA_LOGIT, "compact"),
     "both_feat10": KDVariant(10.0, LAMBDA_LOGIT, "compact"),
+    "both_feat30": KDVariant(30.0, LAMBDA_LOGIT, "compact"),
     "both_dil0": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=0",)),
     "both_dil3": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=3",)),
     "both_mse": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_normalize=false",)),

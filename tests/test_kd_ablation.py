@@ -105,7 +105,7 @@ def test_each_sweep_variant_is_both_with_its_declared_change(bench):
     expected = {
         "hinton_kd": {"lambda_feat": 0.0, "lambda_logit": 0.0, "lambda_kd": 1.0, "tau_kd": 2.0},
         "both_tau4": {"tau_cwd": 4.0}, "both_logit3": {"lambda_logit": 3.0}, "both_feat3": {"lambda_feat": 3.0},
-        "both_feat10": {"lambda_feat": 10.0},
+        "both_feat10": {"lambda_feat": 10.0}, "both_feat30": {"lambda_feat": 30.0},
         "both_dil0": {"mfd_dilation": 0}, "both_dil3": {"mfd_dilation": 3}, "both_mse": {"mfd_normalize": False},
     }
     assert set(bench.SWEEP_VARIANTS) == set(expected)

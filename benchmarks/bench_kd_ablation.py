@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_kd_ablation.py [--data outputs/bench/street]
         [--work outputs/bench/kd_ablation] [--seeds 0,1] [--student-steps 200] [--teacher-steps 420]
-        [--teacher-config street-teacher] [--procs 2] [--latency-repeats 30] [--sweep] [--variants V,...] [--smoke]
+        [--teacher-config street-teacher] [--lambda-feat 1.0] [--procs 2] [--latency-repeats 30] [--sweep]
+        [--variants V,...] [--smoke]
 
 On the synthetic street world (20 scenes x 8 frames, the last 3 scenes are the val split; made by
 ``generate("street", DIR, 20, 8, 0, overrides=["split.val_scenes=3"])`` when --data does not hold
@@ -27,14 +28,17 @@ it yet), with the same split, seeds and step budget for every student:
 
 ``--sweep`` also trains, for every seed, what else was tried (:data:`SWEEP_KD`, listed before its
 runs): CWD at tau 4, 3x the CWD or 3x, 10x or 30x the MFD weight, MFD mask dilation 0 or 3, plain MSE instead of
-PKD normalisation (each one change to ``both``) and Hinton per-voxel KD alone; reported in a
+PKD normalisation (each one change to ``both``), Hinton per-voxel KD alone, and 10x MFD plus KD of
+the class given occupancy on GT-occupied voxels (``both_feat10_okd``); reported in a
 ``sweep`` section, never as the headline. ``--variants no_kd,both,NAME --seeds 2,3`` trains only
 those students, e.g. to check a swept setting on seeds it was not picked on.
 
 Declared before any run (never picked on val): the distillation weights below (unit weights, the
 seed's loss with MFD on the teacher's BEV feature, PKD-normalised, and CWD at tau 1; at the
 student's initialisation they are 1.0 and 2.9 against a CE of 3.0 on training batches), and the
-headline ``distilled_mIoU`` = the ``both`` variant (:data:`DISTILLED_VARIANT`).
+headline ``distilled_mIoU`` = the ``both`` variant (:data:`DISTILLED_VARIANT`). ``--lambda-feat`` sets
+another MFD weight for mfd/both/both_fp16, declared by the command that runs them (recorded in the
+report): a weight picked on the sweep must then be measured on seeds the sweep did not use.
 ``gap_closed = (distilled - student) / (teacher - student)`` per seed and for the seed means.
 
 Budget (sized for about 75 minutes on this shared 2-core machine): measured before the run at
@@ -77,6 +81,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from occdistill.distill.recipe import MFD_CWD_COMMON  # noqa: E402  (after the thread settings above)
 from occdistill.engine import jobpool  # noqa: E402
 from occdistill.engine.jobpool import Hooks, Progress, Running  # noqa: E402
+from occdistill.io import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,13 +106,17 @@ class KDVariant:
     changes: tuple[str, ...] = ()
 
 
-VARIANT_KD: dict[str, KDVariant | None] = {  # None = no teacher
-    "no_kd": None,
-    "mfd": KDVariant(LAMBDA_FEAT, 0.0, "compact"),
-    "cwd": KDVariant(0.0, LAMBDA_LOGIT, "compact"),
-    "both": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact"),
-    "both_fp16": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "fp16"),
-}
+def ablation_kd(lambda_feat: float = LAMBDA_FEAT) -> dict[str, KDVariant | None]:
+    """The ablation's students (None = no teacher) at the MFD weight of the headline (``--lambda-feat``)."""
+    return {
+        "no_kd": None,
+        "mfd": KDVariant(lambda_feat, 0.0, "compact"),
+        "cwd": KDVariant(0.0, LAMBDA_LOGIT, "compact"),
+        "both": KDVariant(lambda_feat, LAMBDA_LOGIT, "compact"),
+        "both_fp16": KDVariant(lambda_feat, LAMBDA_LOGIT, "fp16"),
+    }
+
+
 # --sweep: what else was tried, each one change to ``both`` (or, for Hinton KD, the classic
 # per-voxel baseline alone). Listed before its runs; reported beside the ablation, never as the
 # headline (picking the best of these on val and quoting it would overstate what it buys).
@@ -118,11 +127,15 @@ SWEEP_KD: dict[str, KDVariant] = {
     "both_feat3": KDVariant(3.0, LAMBDA_LOGIT, "compact"),
     "both_feat10": KDVariant(10.0, LAMBDA_LOGIT, "compact"),
     "both_feat30": KDVariant(30.0, LAMBDA_LOGIT, "compact"),
+    # both_feat10 + KD of the class given occupancy on GT-occupied voxels: the Gaussian teacher's
+    # flat classes (terrain, other flat) are where its students fall furthest behind it.
+    "both_feat10_okd": KDVariant(10.0, LAMBDA_LOGIT, "compact", (
+        "distill.dense.lambda_kd=1.0", "distill.dense.tau_kd=2.0", "distill.dense.kd_voxels=occupied")),
     "both_dil0": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=0",)),
     "both_dil3": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=3",)),
     "both_mse": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_normalize=false",)),
 }
-VARIANTS = tuple(VARIANT_KD)  # the ablation, in report order
+VARIANTS = tuple(ablation_kd())  # the ablation, in report order
 SWEEP_VARIANTS = tuple(SWEEP_KD)
 # Targets of the issues, and what "clearly above" means here (declared before the runs).
 CLEAR_MARGIN = 2.0  # teacher mIoU - every seed's no-KD student mIoU, in points
@@ -246,20 +259,22 @@ def latency_summary(teacher_ms: float, student_ms: float, target: float = LATENC
             "target_ratio": target, "met": ratio >= target}
 
 
-def variant_kd(variant: str) -> KDVariant | None:
-    """The distillation of an ablation or sweep variant (None for no_kd)."""
+def variant_kd(variant: str, lambda_feat: float = LAMBDA_FEAT) -> KDVariant | None:
+    """The distillation of an ablation (at the headline's MFD weight) or sweep variant (None for no_kd)."""
     if variant in SWEEP_KD:
         return SWEEP_KD[variant]
-    return VARIANT_KD[variant]
+    return ablation_kd(lambda_feat)[variant]
 
 
-def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any]
+def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any], lambda_feat: float = LAMBDA_FEAT
                       ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(ablation variants, sweep variants) to train: all of :data:`VARIANTS` (and :data:`SWEEP_VARIANTS`
     with ``sweep``) by default, else the comma-separated ``spec`` in declaration order, which must
-    name known variants including no_kd and the headline one (``error`` reports a bad spec)."""
+    name known variants including no_kd and the headline one (``error`` reports a bad spec). A sweep
+    variant that equals the headline at ``lambda_feat`` is left out of ``sweep`` and refused by name."""
+    same = {v for v in SWEEP_VARIANTS if SWEEP_KD[v] == variant_kd(DISTILLED_VARIANT, lambda_feat)}
     if spec is None:
-        return VARIANTS, SWEEP_VARIANTS if sweep else ()
+        return VARIANTS, tuple(v for v in SWEEP_VARIANTS if sweep and v not in same)
     names = {v.strip() for v in spec.split(",") if v.strip()}
     unknown = sorted(names - set(VARIANTS) - set(SWEEP_VARIANTS))
     if unknown:
@@ -267,13 +282,16 @@ def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any]
     missing = sorted({"no_kd", DISTILLED_VARIANT} - names)
     if missing:
         error(f"--variants must include {', '.join(missing)} (the headline's student and distilled variants)")
+    if names & same:
+        error(f"--variants: {', '.join(sorted(names & same))} is {DISTILLED_VARIANT} at --lambda-feat {lambda_feat}")
     return (tuple(v for v in VARIANTS if v in names),
-            tuple(v for v in SWEEP_VARIANTS if v in names or sweep))
+            tuple(v for v in SWEEP_VARIANTS if (v in names or sweep) and v not in same))
 
 
-def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature") -> list[str]:
+def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature",
+                      lambda_feat: float = LAMBDA_FEAT) -> list[str]:
     """The student's ``distill.*`` overrides of a variant (empty for no_kd)."""
-    kd = variant_kd(variant)
+    kd = variant_kd(variant, lambda_feat)
     if kd is None:
         return []
     return [f"distill.dump={dump}", f"distill.dump_source={kd.source}", *KD_COMMON,
@@ -485,7 +503,8 @@ def _final_train_terms(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in records[-1].items() if k not in skip}
 
 
-def _variant_report(variant: str, runs: dict[int, Path], no_kd_miou: dict[int, float]) -> dict[str, Any]:
+def _variant_report(variant: str, runs: dict[int, Path], no_kd_miou: dict[int, float], lambda_feat: float
+                    ) -> dict[str, Any]:
     """One variant's rows: its distillation, per-seed summaries, the mean ± spread of the metrics,
     its mIoU gain over the same seed's no-KD student and the per-class IoU mean."""
     seeds = sorted(runs)
@@ -494,7 +513,7 @@ def _variant_report(variant: str, runs: dict[int, Path], no_kd_miou: dict[int, f
     delta = spread([per_seed[str(s)]["mIoU"] - no_kd_miou[s] for s in seeds])
     classes = list((per_seed[str(seeds[0])]["per_class"] or {}).keys())
     per_class_mean = {c: spread([per_seed[str(s)]["per_class"][c] for s in seeds])["mean"] for c in classes}
-    kd = variant_kd(variant)
+    kd = variant_kd(variant, lambda_feat)
     distill = None if kd is None else {"lambda_feat": kd.lambda_feat, "lambda_logit": kd.lambda_logit,
                                        "dump_source": kd.source, "changes": list(kd.changes)}
     return {"distill": distill, "per_seed": per_seed, "mean": mean, "mIoU_minus_no_kd": delta,
@@ -577,10 +596,11 @@ def _pm(s: dict[str, Any], nd: int = 2) -> str:
     return f"{s['mean']:.{nd}f} ± {s['std']:.{nd}f}" if s["n"] > 1 else f"{s['mean']:.{nd}f}"
 
 
-def _change_text(distill: dict[str, Any]) -> str:
-    """A sweep variant's difference from ``both``: its weights where they differ, then its overrides."""
+def _change_text(distill: dict[str, Any], lambda_feat: float) -> str:
+    """A sweep variant's difference from ``both`` (MFD weight ``lambda_feat``): its weights where they
+    differ, then its overrides."""
     parts = []
-    if distill["lambda_feat"] != LAMBDA_FEAT:
+    if distill["lambda_feat"] != lambda_feat:
         parts.append(f"lambda_feat={distill['lambda_feat']}")
     if distill["lambda_logit"] != LAMBDA_LOGIT:
         parts.append(f"lambda_logit={distill['lambda_logit']}")
@@ -599,7 +619,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{STUDENT_CONFIG}` ({report['budget']['student_steps']} steps per variant, seeds "
         f"{', '.join(map(str, seeds))}); {report['data']['train_samples']} train / "
         f"{report['data']['val_samples']} val frames; val split metrics in percent (mean ± sample std "
-        f"over seeds). Headline distilled variant, declared before the runs: `{h['distilled_variant']}`.",
+        f"over seeds). Headline distilled variant, declared before the runs: `{h['distilled_variant']}` "
+        f"(MFD weight {report['lambda_feat']}, CWD weight {LAMBDA_LOGIT}).",
         "",
         "| model | mIoU | IoU | RayIoU | " + " | ".join(f"mIoU seed {s}" for s in seeds) + " |",
         "|---|---|---|---|" + "---|" * len(seeds),
@@ -617,7 +638,8 @@ def markdown(report: dict[str, Any]) -> str:
                       "not the headline):", "", f"| variant | change | mIoU | mIoU - no_kd | RayIoU | {seed_columns} |",
                   "|---|---|---|---|---|" + "---|" * len(seeds)]
         for v, row in report["sweep"].items():
-            lines.append(f"| {v} | {_change_text(row['distill'])} | {_pm(row['mean']['mIoU'])} | "
+            change = _change_text(row["distill"], report["lambda_feat"])
+            lines.append(f"| {v} | {change} | {_pm(row['mean']['mIoU'])} | "
                          f"{_pm(row['mIoU_minus_no_kd'])} | {_pm(row['mean']['RayIoU'])} | "
                          + " | ".join(_fmt(row["per_seed"][str(s)]["mIoU"]) for s in seeds) + " |")
     g = h["mean"]["gap_closed"]
@@ -680,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny world, tiny models, 2-3 steps (tests)")
     parser.add_argument("--sweep", action="store_true", help="also train the sweep variants (SWEEP_KD: temperature, "
                         "weights, mask dilation, MFD normalisation, Hinton KD), after the ablation's")
+    parser.add_argument("--lambda-feat", type=float, default=LAMBDA_FEAT,
+                        help="the MFD weight of the ablation's mfd/both/both_fp16 students (the headline's)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated students to train instead (ablation and sweep names; must include "
                         f"no_kd and {DISTILLED_VARIANT}), e.g. to check a swept setting on other seeds")
@@ -729,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                    argv=tuple(dump_argv))
 
     def student(variant: str, seed: int) -> Job:
-        kd = variant_overrides(variant, dump, setup.mfd_target)
+        kd = variant_overrides(variant, dump, setup.mfd_target, args.lambda_feat)
         deps = (finalize.name,) if kd else ()
         name = f"{variant}_s{seed}"
         return Job(name, "train", logs / f"{name}.log", deps=deps, config=STUDENT_CONFIG,
@@ -740,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Order = priority among ready jobs: the teacher first, the no-KD students beside it, then the
     # headline variant for every seed, then the others.
-    ablation, swept = selected_variants(args.variants, args.sweep, parser.error)
+    ablation, swept = selected_variants(args.variants, args.sweep, parser.error, args.lambda_feat)
     order = [DISTILLED_VARIANT, *(v for v in ablation if v not in ("no_kd", DISTILLED_VARIANT))]
     jobs = [teacher, *(student("no_kd", s) for s in seeds), *shares, finalize,
             *(student(v, s) for v in (*order, *swept) for s in seeds)]
@@ -760,8 +784,9 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher_summary = _run_summary(teacher_run)
     no_kd = {s: _run_summary(student_runs[("no_kd", s)])["mIoU"] for s in seeds}
-    variants = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in ablation}
-    sweep = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd) for v in swept}
+    variants = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd, args.lambda_feat)
+                for v in ablation}
+    sweep = {v: _variant_report(v, {s: student_runs[(v, s)] for s in seeds}, no_kd, args.lambda_feat) for v in swept}
     headline = summarize(teacher_summary["mIoU"], {s: {v: variants[v]["per_seed"][str(s)]["mIoU"] for v in ablation}
                                                    for s in seeds})
     lat_summary = latency_summary(latency["teacher"]["median_ms"], latency["student"]["median_ms"])
@@ -800,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_config": args.teacher_config, "student_config": STUDENT_CONFIG,
         "distill_common": list(KD_COMMON),
         "distilled_variant_declared": DISTILLED_VARIANT,
+        "lambda_feat": args.lambda_feat, "lambda_logit": LAMBDA_LOGIT,
         "headline": headline,
         # flat copies of the headline numbers (mean over seeds)
         "teacher_mIoU": teacher_summary["mIoU"],
@@ -816,8 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         "units": "percent; Occ3D devkit mIoU/IoU over mask_camera voxels, SparseOcc RayIoU; val split; EMA weights",
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(report, indent=2) + "\n")
-    out_md.write_text(markdown(report))
+    atomic_write_text(out_json, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_md, markdown(report))
     print(markdown(report), flush=True)
     print(f"wrote {out_json} and {out_md}", flush=True)
     return 0

@@ -106,6 +106,7 @@ def test_each_sweep_variant_is_both_with_its_declared_change(bench):
         "hinton_kd": {"lambda_feat": 0.0, "lambda_logit": 0.0, "lambda_kd": 1.0, "tau_kd": 2.0},
         "both_tau4": {"tau_cwd": 4.0}, "both_logit3": {"lambda_logit": 3.0}, "both_feat3": {"lambda_feat": 3.0},
         "both_feat10": {"lambda_feat": 10.0}, "both_feat30": {"lambda_feat": 30.0},
+        "both_feat10_okd": {"lambda_feat": 10.0, "lambda_kd": 1.0, "tau_kd": 2.0, "kd_voxels": "occupied"},
         "both_dil0": {"mfd_dilation": 0}, "both_dil3": {"mfd_dilation": 3}, "both_mse": {"mfd_normalize": False},
     }
     assert set(bench.SWEEP_VARIANTS) == set(expected)
@@ -115,7 +116,7 @@ def test_each_sweep_variant_is_both_with_its_declared_change(bench):
         assert differs == change, v
     kd = bench.SWEEP_KD["both_logit3"]
     text = bench._change_text({"lambda_feat": kd.lambda_feat, "lambda_logit": kd.lambda_logit,
-                               "changes": ["distill.dense.tau_cwd=4.0"]})
+                               "changes": ["distill.dense.tau_cwd=4.0"]}, bench.LAMBDA_FEAT)
     assert text == "lambda_logit=3.0, tau_cwd=4.0"
 
 
@@ -143,6 +144,23 @@ def test_selected_variants(bench):
         bench.selected_variants("no_kd,both,both_tau9", False, error)
     with pytest.raises(ValueError, match="must include no_kd"):
         bench.selected_variants("both,mfd", False, error)
+    # --lambda-feat 10: both_feat10 IS the headline, so the sweep leaves it out and refuses it by name
+    ablation, swept = bench.selected_variants(None, True, error, lambda_feat=10.0)
+    assert ablation == bench.VARIANTS and "both_feat10" not in swept and "both_feat3" in swept
+    with pytest.raises(ValueError, match="both_feat10 is both at --lambda-feat 10.0"):
+        bench.selected_variants("no_kd,both,both_feat10", False, error, lambda_feat=10.0)
+
+
+def test_lambda_feat_sets_the_headline_mfd_weight(bench):
+    """--lambda-feat moves the MFD weight of mfd/both/both_fp16 only; the sweep keeps its own weights
+    and its change is reported against the headline's."""
+    weights = {v: load_train_config("street-tiny", bench.variant_overrides(v, "d", "bev_prob", 10.0)).distill.dense
+               for v in ("mfd", "cwd", "both", "both_fp16", "both_feat3")}
+    assert [weights[v].lambda_feat for v in weights] == [10.0, 0.0, 10.0, 10.0, 3.0]
+    assert [weights[v].lambda_logit for v in weights] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    kd = bench.variant_kd("both_feat3", 10.0)
+    distill = {"lambda_feat": kd.lambda_feat, "lambda_logit": kd.lambda_logit, "changes": []}
+    assert bench._change_text(distill, 10.0) == "lambda_feat=3.0" and bench._change_text(distill, 3.0) == ""
 
 
 def test_smoke_run_writes_the_report(tmp_path, bench):
@@ -151,7 +169,7 @@ def test_smoke_run_writes_the_report(tmp_path, bench):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "kd_ablation.json").read_text())
-    assert report["smoke"] and report["seeds"] == [0]
+    assert report["smoke"] and report["seeds"] == [0] and report["lambda_feat"] == bench.LAMBDA_FEAT
     assert set(report["variants"]) == {"no_kd", "mfd", "cwd", "both", "both_fp16"}
     assert report["distilled_mIoU"] == report["variants"]["both"]["per_seed"]["0"]["mIoU"]
     assert report["student_mIoU"] == report["variants"]["no_kd"]["per_seed"]["0"]["mIoU"]

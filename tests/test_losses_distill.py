@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from occdistill.losses.distill import (
     distill_losses,
     logit_kd_loss,
     mfd_loss,
+    occupied_kd_loss,
 )
 from occdistill.models.dense import DenseOutput
 from occdistill.models.gaussian import GaussianOutput
@@ -310,6 +312,47 @@ def test_kd_zero_at_match():
     t = rand_logits(11)
     assert logit_kd_loss(t.clone(), t, "logit", 3.0).item() == pytest.approx(0, abs=1e-6)
     assert logit_kd_loss(t.log_softmax(-1), t.softmax(-1), "prob", 1.0).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_occupied_kd_hand_values_free_channel_and_voxels_excluded():
+    """Class given occupancy: the free channel (index 2) is dropped on both sides and renormalised
+    away, only GT-occupied, non-ignored voxels (and the mask) count."""
+    # Voxel 0 (GT class 0): teacher p = (0.3, 0.1, 0.6) -> given occupied (3/4, 1/4); student
+    # logits (0, 0, 5) -> given occupied (1/2, 1/2): KL_34_U, whatever the free logits say.
+    # Voxel 1 (GT free) and voxel 2 (GT ignore 255) disagree wildly and must not count.
+    t = voxels([[0.3, 0.1, 0.6], [0.98, 0.01, 0.01], [0.01, 0.98, 0.01]], shape=(1, 3, 1, 1))
+    s = voxels([[0.0, 0.0, 5.0], [0.0, 9.0, 0.0], [9.0, 0.0, 0.0]], shape=(1, 3, 1, 1)).requires_grad_(True)
+    gt = torch.tensor([0, 2, 255]).view(1, 3, 1, 1)
+    loss = occupied_kd_loss(s, t, "prob", gt, free_index=2, tau=1.0)
+    assert loss.item() == pytest.approx(KL_34_U, rel=1e-6)
+    loss.backward()
+    assert s.grad[0, 0, 0, 0, :2].abs().sum() > 0
+    assert s.grad[0, 0, 0, 0, 2].item() == 0 and s.grad[0, 1:].abs().sum() == 0  # free logit, other voxels
+    # tau 2 on the same voxel: the conditional teacher (3/4, 1/4) becomes (A, B), x tau^2.
+    assert occupied_kd_loss(s, t, "prob", gt, 2, tau=2.0).item() == pytest.approx(4 * KL_AB_U, rel=1e-5)
+    # A logit teacher with the same conditional (ln3, 0 on the semantic classes) gives the same.
+    t_logit = voxels([[LN3, 0.0, -7.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], shape=(1, 3, 1, 1))
+    assert occupied_kd_loss(s, t_logit, "logit", gt, 2).item() == pytest.approx(KL_34_U, rel=1e-6)
+    # The mask removes the only occupied voxel: an attached 0.
+    none = occupied_kd_loss(s, t, "prob", gt, 2, mask=torch.tensor([False, True, True]).view(1, 3, 1, 1))
+    assert none.item() == 0 and none.requires_grad
+    with pytest.raises(ValueError, match="free_index"):
+        occupied_kd_loss(s, t, "prob", gt, free_index=3)
+    with pytest.raises(ValueError, match="semantics"):
+        occupied_kd_loss(s, t, "prob", gt[:, :2], free_index=2)
+
+
+def test_distill_losses_kd_on_occupied_voxels():
+    student, targets, batch = scene()
+    cfg = DistillLossConfig(lambda_feat=0.0, lambda_logit=0.0, lambda_kd=2.0, tau_kd=1.5, kd_voxels="occupied")
+    out = distill_losses(student, targets, batch, cfg, free_index=FREE)
+    voxel_mask = targets.valid & batch.mask_camera
+    expected = 2.0 * occupied_kd_loss(student.voxel_logits, targets.voxel_probs, "prob", batch.semantics, FREE,
+                                      1.5, voxel_mask)
+    assert set(out) == {"kd"} and out["kd"].item() > 0
+    assert out["kd"].item() == pytest.approx(expected.item(), rel=1e-6)
+    everywhere = distill_losses(student, targets, batch, replace(cfg, kd_voxels="all"), free_index=FREE)
+    assert everywhere["kd"].item() != pytest.approx(out["kd"].item(), rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- dtype and gradients

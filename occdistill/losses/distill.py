@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 ValueKind = Literal["prob", "logit"]
 CWDSpace = Literal["log_prob", "logit"]
 MFDTarget = Literal["feature", "bev_prob"]
+KDVoxels = Literal["all", "occupied"]
 
 PROB_EPS = 1e-8
 # Added to the per-channel std in the normalised MFD, as mmrazor's PKDLoss does.
@@ -329,6 +330,47 @@ def logit_kd_loss(
         return total * (tau**2) / keep.sum().clamp(min=1)
 
 
+def occupied_kd_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_kind: ValueKind,
+    semantics: torch.Tensor,
+    free_index: int,
+    tau: float = 1.0,
+    mask: torch.Tensor | None = None,
+    ignore_index: int | None = 255,
+    eps: float = PROB_EPS,
+) -> torch.Tensor:
+    """Per-voxel KD of the class GIVEN occupancy, on GT-occupied voxels only.
+
+    :func:`logit_kd_loss` over the K-1 semantic classes (the free channel dropped on both sides,
+    so each side's softmax is its class distribution conditional on the voxel being occupied) on
+    the voxels whose GT label is neither ``free_index`` nor ``ignore_index`` (AND ``mask``).
+    Why: a teacher can be better at semantics than at geometry (the Gaussian teacher here has the
+    higher mIoU but the lower IoU than its student); this transfers which class an occupied voxel
+    is without pulling the student's free/occupied boundary towards the teacher's.
+
+    student_logits, teacher: (B, X, Y, Z, K); semantics: (B, X, Y, Z) GT labels; mask: (B, X, Y,
+    Z) bool or None. A probability teacher enters as ``log(p + eps)``, so its conditional is
+    ``(p_k + eps) / sum_{j != free} (p_j + eps)``.
+    """
+    _check_voxels(student_logits, teacher, mask)
+    if semantics.shape != student_logits.shape[:-1]:
+        raise ValueError(f"semantics {tuple(semantics.shape)} must be the logits' (B, X, Y, Z) "
+                         f"{tuple(student_logits.shape[:-1])}")
+    num_classes = student_logits.shape[-1]
+    if not 0 <= free_index < num_classes:
+        raise ValueError(f"free_index {free_index} is not a class of the {num_classes} logits")
+    keep = [k for k in range(num_classes) if k != free_index]
+    occupied = semantics.to(student_logits.device) != free_index
+    if ignore_index is not None:
+        occupied &= semantics.to(student_logits.device) != ignore_index
+    if mask is not None:
+        occupied &= mask.to(student_logits.device).bool()
+    scores = teacher_scores(teacher, teacher_kind, eps)  # logits: the renormalisation is the softmax's
+    return logit_kd_loss(student_logits[..., keep], scores[..., keep], "logit", tau, occupied)
+
+
 # ----------------------------------------------------------------------------- teacher signals
 
 
@@ -399,6 +441,7 @@ class DistillLossConfig:
     lambda_kd: float = 0.0  # Hinton logit KD (baseline)
     tau_cwd: float = 1.0
     tau_kd: float = 1.0
+    kd_voxels: KDVoxels = "all"  # occupied: KD of the class given occupancy on GT-occupied voxels
     cwd_space: CWDSpace = "log_prob"
     mfd_target: MFDTarget = "bev_prob"
     mfd_normalize: bool = False
@@ -445,7 +488,8 @@ def distill_losses(
     (online teacher); moved to the student's device. ``batch``: reads ``semantics`` (B, X, Y, Z)
     and ``mask_camera``. ``free_index``/``ignore_index``: of the class table, for the MFD mask.
 
-    Masks: voxels (CWD, KD) = teacher ``valid`` AND (``mask_camera`` if ``cfg.camera_mask``).
+    Masks: voxels (CWD, KD) = teacher ``valid`` AND (``mask_camera`` if ``cfg.camera_mask``), for KD AND
+    GT-occupied with ``cfg.kd_voxels="occupied"`` (:func:`occupied_kd_loss`).
     BEV cells (MFD) = :func:`bev_occupancy_mask` of the GT counting only camera-visible voxels if
     ``cfg.camera_mask``, dilated by ``cfg.mfd_dilation``, AND columns whose teacher value exists
     (``valid`` of any voxel of the column: augmentation moves whole columns).
@@ -485,7 +529,13 @@ def distill_losses(
     if cfg.lambda_logit > 0:
         out["cwd"] = cfg.lambda_logit * cwd_loss(logits, teacher.voxel, teacher.kind, cfg.tau_cwd, voxel_mask,
                                                  cfg.cwd_space, cfg.prob_eps)
-    if cfg.lambda_kd > 0:
+    if cfg.lambda_kd > 0 and cfg.kd_voxels == "occupied":
+        if batch.semantics is None:
+            raise ValueError("KD on occupied voxels needs GT semantics; the batch has none")
+        out["kd"] = cfg.lambda_kd * occupied_kd_loss(logits, teacher.voxel, teacher.kind, batch.semantics,
+                                                     free_index, cfg.tau_kd, voxel_mask, ignore_index,
+                                                     cfg.prob_eps)
+    elif cfg.lambda_kd > 0:
         out["kd"] = cfg.lambda_kd * logit_kd_loss(logits, teacher.voxel, teacher.kind, cfg.tau_kd, voxel_mask,
                                                   cfg.prob_eps)
     return out

@@ -283,8 +283,8 @@ def distill_markdown(s: DistillSection, plain: StudentResult) -> list[str]:
         f"sums, GT hashes, grid, class table): **passed**, {d.samples} samples, no problem.",
         f"The distilled student is `{s.distilled.config}` with the plain student's seed and budget "
         f"({s.distilled.steps} steps) plus MFD on the teacher's BEV feature and CWD on its",
-        "3D logits, the `both` variant of `benchmarks/bench_kd_ablation.py` (`benchmarks/results/kd_ablation.md`); "
-        "its config adds",
+        "3D logits, the `both` variant of `benchmarks/bench_kd_ablation.py` "
+        "(`benchmarks/results/kd_ablation_dense.md`); its config adds",
         f"`{' '.join(o for o in s.distill_overrides if not o.startswith('distill.dump='))}`.",
         "",
         f"Val split ({plain.val_samples} frames), percent, EMA weights. "
@@ -311,7 +311,7 @@ def distill_markdown(s: DistillSection, plain: StudentResult) -> list[str]:
             f"no gap-closed figure, and the distilled student's difference to the plain one ({delta:+.2f} mIoU) is "
             "not a better teacher's accuracy recovered.",
             f"With the demo's budget ({s.teacher.steps} teacher steps, sized to the demo's time) the teacher does not "
-            "lead here; in `benchmarks/results/kd_ablation.md`",
+            "lead here; in `benchmarks/results/kd_ablation_dense.md`",
             "the same teacher trained 1224 steps on 136 frames leads the plain student by 3.9 mIoU and MFD + CWD "
             "closes 33% of that gap.",
         ]

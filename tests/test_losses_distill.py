@@ -10,7 +10,6 @@ import torch
 
 from occdistill.data.sample import Batch
 from occdistill.losses.distill import (
-    PROB_EPS,
     BEVAdapter,
     DistillLossConfig,
     TeacherSignals,

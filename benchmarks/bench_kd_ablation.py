@@ -272,7 +272,8 @@ def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any]
     with ``sweep``) by default, else the comma-separated ``spec`` in declaration order, which must
     name known variants including no_kd and the headline one (``error`` reports a bad spec). A sweep
     variant that equals the headline at ``lambda_feat`` is left out of ``sweep`` and refused by name."""
-    same = {v for v in SWEEP_VARIANTS if SWEEP_KD[v] == variant_kd(DISTILLED_VARIANT, lambda_feat)}
+    headline = variant_kd(DISTILLED_VARIANT, lambda_feat)
+    same = {v for v in SWEEP_VARIANTS if SWEEP_KD[v] == headline}
     if spec is None:
         return VARIANTS, tuple(v for v in SWEEP_VARIANTS if sweep and v not in same)
     names = {v.strip() for v in spec.split(",") if v.strip()}

@@ -609,6 +609,12 @@ def _change_text(distill: dict[str, Any], lambda_feat: float) -> str:
     return ", ".join(parts)
 
 
+def _student_set_text(report: dict[str, Any]) -> str:
+    """`` with `a=1`, `b=2` `` for the overrides of every student, or nothing."""
+    sets = report.get("student_overrides") or []
+    return (" with " + ", ".join(f"`{o}`" for o in sets)) if sets else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     h, lat, seeds = report["headline"], report["latency"], report["seeds"]
     lines = [
@@ -617,7 +623,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`",
         "",
         f"Teacher `{report['teacher_config']}` ({report['budget']['teacher_steps']} steps, seed 0), student "
-        f"`{STUDENT_CONFIG}` ({report['budget']['student_steps']} steps per variant, seeds "
+        f"`{STUDENT_CONFIG}`{_student_set_text(report)} ({report['budget']['student_steps']} steps per variant, seeds "
         f"{', '.join(map(str, seeds))}); {report['data']['train_samples']} train / "
         f"{report['data']['val_samples']} val frames; val split metrics in percent (mean ± sample std "
         f"over seeds). Headline distilled variant, declared before the runs: `{h['distilled_variant']}` "
@@ -708,7 +714,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None,
                         help="comma-separated students to train instead (ablation and sweep names; must include "
                         f"no_kd and {DISTILLED_VARIANT}), e.g. to check a swept setting on other seeds")
+    parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override of every student, no_kd included (repeatable), e.g. "
+                        "loss.lovasz_weight=0.5; recorded in the report")
     args = parser.parse_args(argv)
+    if not all("=" in o and not o.startswith(("distill.", "runtime.seed", "optim.max_steps")) for o in args.student_set):
+        parser.error("--student-set takes KEY=VALUE overrides outside distill.*, runtime.seed and optim.max_steps "
+                     "(the benchmark sets those)")
     if not 1 <= args.procs <= 2:
         parser.error("--procs must be 1 or 2 (a 2-core machine)")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -725,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         data = generate("street", work / "street", 2, 2, seed=3, overrides=list(SMOKE_SYNTH), progress=False).out
-        student_extra, teacher_extra = list(SMOKE_STUDENT), list(setup.smoke)
+        student_extra, teacher_extra = [*SMOKE_STUDENT, *args.student_set], list(setup.smoke)
         args.student_steps, args.teacher_steps = 2, 3
         args.latency_repeats = 2
         warmup, poll_s, progress_s = 0, 0.2, 5.0
@@ -734,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (data / "occdistill_infos_train.pkl").is_file():
             print(f"generating the street world into {data}", flush=True)
             generate("street", data, 20, 8, 0, overrides=["split.val_scenes=3"], workers=2, progress=False)
-        student_extra, teacher_extra = [], []
+        student_extra, teacher_extra = list(args.student_set), []
         warmup, poll_s, progress_s = 3, 2.0, 60.0
     data_overrides = [f"data.root={data}", f"data.train_split={data / 'occdistill_infos_train.pkl'}",
                       f"data.val_split={data / 'occdistill_infos_val.pkl'}"]
@@ -824,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                    "student_epochs": round(args.student_steps * 2 / n_train, 2)},
         "seeds": seeds,
         "teacher_config": args.teacher_config, "student_config": STUDENT_CONFIG,
+        "student_overrides": list(args.student_set),
         "distill_common": list(KD_COMMON),
         "distilled_variant_declared": DISTILLED_VARIANT,
         "lambda_feat": args.lambda_feat, "lambda_logit": LAMBDA_LOGIT,

@@ -14,8 +14,8 @@ from occdistill.losses.gaussian import (
     gaussian_teacher_loss,
     init_depth_loss,
     init_depth_target,
-    lovasz_softmax,
 )
+from occdistill.losses.lovasz import lovasz_softmax
 from occdistill.models.gaussian import (
     GaussianTeacher,
     GaussianTeacherConfig,

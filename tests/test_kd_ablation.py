@@ -163,9 +163,17 @@ def test_lambda_feat_sets_the_headline_mfd_weight(bench):
     assert bench._change_text(distill, 10.0) == "lambda_feat=3.0" and bench._change_text(distill, 3.0) == ""
 
 
+@pytest.mark.parametrize("override", ["distill.dense.tau_cwd=2", "runtime.seed=3", "optim.max_steps=5", "loss"])
+def test_student_set_refuses_what_the_benchmark_sets(bench, override, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--smoke", "--student-set", override])
+    assert exit_info.value.code == 2 and "--student-set" in capsys.readouterr().err
+
+
 def test_smoke_run_writes_the_report(tmp_path, bench):
     work = tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--work", str(work), "--sweep"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--seeds", "0", "--work", str(work), "--sweep",
+                           "--student-set", "loss.lovasz_weight=0.5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "kd_ablation.json").read_text())
@@ -177,10 +185,12 @@ def test_smoke_run_writes_the_report(tmp_path, bench):
     assert {"mfd", "cwd"} <= terms["both"] and {"mfd", "cwd"} <= terms["both_fp16"]
     assert "mfd" in terms["mfd"] and "cwd" not in terms["mfd"] and "cwd" in terms["cwd"] and "mfd" not in terms["cwd"]
     assert not {"mfd", "cwd"} & terms["no_kd"]
+    # --student-set reaches every student, no_kd included, and is recorded
+    assert all("lovasz" in t for t in terms.values()) and report["student_overrides"] == ["loss.lovasz_weight=0.5"]
     assert report["latency"]["teacher"]["image_size"] == report["latency"]["student"]["image_size"]
     assert report["latency_ratio"] > 0 and (work / "dump" / "manifest_train.json").is_file()
     md = (work / "kd_ablation.md").read_text()
-    assert "| student both |" in md
+    assert "| student both |" in md and "`street-tiny` with `loss.lovasz_weight=0.5`" in md
     # --sweep: its variants reported beside the ablation (not in it), each trained with its change
     assert set(report["sweep"]) == set(bench.SWEEP_VARIANTS) and "| both_tau4 | tau_cwd=4.0 |" in md
     assert report["sweep"]["hinton_kd"]["distill"]["changes"] == ["distill.dense.lambda_kd=1.0",

@@ -88,14 +88,18 @@ class LossConfig:
     class_weights: Literal["none", "inverse_log", "inverse_frequency"] = "none"
     class_weight_exponent: float = 0.5
     depth_weight: float = 0.0  # BEVDepth BCE on the depth bins; needs data.depth != none
+    # Lovász-softmax on the voxel probabilities (0 = off), over the CE's voxels; with
+    # lovasz_ignore_free over the occupied ones only, as the Gaussian teacher's loss.gaussian.
+    lovasz_weight: float = 0.0
+    lovasz_ignore_free: bool = True
     # The other model kinds' objectives. kind gaussian: camera_mask and the CE weights come from
     # loss.gaussian, the class weights from class_weights above; kind sparse: loss.sparse alone.
     gaussian: GaussianLossConfig = field(default_factory=GaussianLossConfig)
     sparse: SparseLossConfig = field(default_factory=SparseLossConfig)
 
     def __post_init__(self) -> None:
-        if self.depth_weight < 0 or self.class_weight_exponent < 0:
-            raise ValueError("loss.depth_weight and loss.class_weight_exponent must be >= 0")
+        if self.depth_weight < 0 or self.class_weight_exponent < 0 or self.lovasz_weight < 0:
+            raise ValueError("loss.depth_weight, loss.class_weight_exponent and loss.lovasz_weight must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import nn
 from occdistill.data.classes import ClassTable
 from occdistill.data.sample import Batch
 from occdistill.engine.config import LossConfig
+from occdistill.losses.lovasz import lovasz_softmax, lovasz_voxels
 from occdistill.losses.supervised import depth_bce_loss, voxel_cross_entropy
 from occdistill.models.dense import DenseOutput
 from occdistill.nn.depth_bins import DepthBins
@@ -57,9 +58,10 @@ def supervised_losses(
     depth_bins: DepthBins | None = None,
     weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Loss terms (float32 scalars): ``ce`` and, when weighted in, ``depth``; ``total`` is their
-    weighted sum. Which voxels count: ``mask_camera`` when ``cfg.camera_mask``, else every voxel
-    with a known label."""
+    """Loss terms (float32 scalars): ``ce`` and, when weighted in, ``lovasz`` and ``depth``;
+    ``total`` is their weighted sum. Which voxels count: ``mask_camera`` when ``cfg.camera_mask``,
+    else every voxel with a known label (Lovász: of those, the occupied ones with
+    ``cfg.lovasz_ignore_free``)."""
     if batch.semantics is None:
         raise ValueError("the batch has no labels")
     mask = None
@@ -69,6 +71,10 @@ def supervised_losses(
         mask = batch.mask_camera
     terms = {"ce": voxel_cross_entropy(out.voxel_logits, batch.semantics, mask, weights, classes.ignore_index)}
     total = terms["ce"]
+    if cfg.lovasz_weight > 0:
+        counted = lovasz_voxels(batch.semantics, mask, classes.ignore_index, classes.free_index, cfg.lovasz_ignore_free)
+        terms["lovasz"] = lovasz_softmax(out.voxel_logits.float().softmax(dim=-1), batch.semantics, counted)
+        total = total + cfg.lovasz_weight * terms["lovasz"]
     if cfg.depth_weight > 0:
         if batch.depth is None or depth_bins is None:
             raise ValueError("loss.depth_weight > 0 needs depth targets (data.depth) and the model's depth bins")

@@ -13,7 +13,7 @@ uninterrupted one would. Evaluation predicts with :func:`predict_labels`.
 
 Terms per kind (unweighted terms, except the distillation terms which are logged as added):
 
-- dense: ``ce``, ``depth`` (when weighted in); with a teacher ``mfd``, ``cwd``, ``kd`` (weighted);
+- dense: ``ce``, ``lovasz`` and ``depth`` (when weighted in); with a teacher ``mfd``, ``cwd``, ``kd`` (weighted);
 - gaussian: ``ce``, ``lovasz``, ``init_depth``;
 - sparse: ``init.pts``, ``d{l}.pts``, ``d{l}.cls``; with a teacher ``kd.encoder``, ``kd.query``,
   ``kd.prior``, ``kd.anchor`` (level totals before the DiScene lambdas) and ``kd.total`` (weighted).

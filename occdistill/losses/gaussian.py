@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from occdistill.data.sample import Batch
 from occdistill.geometry.grid import VoxelGrid
+from occdistill.losses.lovasz import lovasz_softmax, lovasz_voxels
 from occdistill.losses.supervised import voxel_cross_entropy
 from occdistill.nn.depth_bins import DepthBins
 
@@ -96,40 +97,6 @@ def init_depth_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     return (ce * weight).sum() / weight.sum().clamp(min=1.0)
 
 
-def _lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
-    """Gradient of the Lovász extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018)."""
-    gts = gt_sorted.sum()
-    intersection = gts - gt_sorted.cumsum(0)
-    union = gts + (1.0 - gt_sorted).cumsum(0)
-    jaccard = 1.0 - intersection / union
-    if len(gt_sorted) > 1:
-        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-    return jaccard
-
-
-def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-    """Lovász-softmax over the classes present in ``labels``, pooled over the batch.
-
-    probs (..., K) probabilities; labels (...) int64; counted (...) bool voxels that take part.
-    Returns the mean over present classes of the Lovász hinge of |onehot - p| (0 if nothing counts).
-    """
-    num_classes = probs.shape[-1]
-    p = probs.reshape(-1, num_classes).float()
-    y = labels.reshape(-1)
-    if counted is not None:
-        keep = counted.reshape(-1)
-        p, y = p[keep], y[keep]
-    losses = []
-    for c in torch.unique(y).tolist():
-        fg = (y == c).float()
-        errors = (fg - p[:, c]).abs()
-        errors_sorted, perm = errors.sort(descending=True)
-        losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[perm])))
-    if not losses:
-        return probs.sum() * 0.0
-    return torch.stack(losses).mean()
-
-
 def gaussian_teacher_loss(
     output,
     batch: Batch,
@@ -157,11 +124,7 @@ def gaussian_teacher_loss(
         terms["ce"] = voxel_cross_entropy(output.voxel_logits, batch.semantics, mask, class_weights, ignore_index)
         total = total + cfg.ce_weight * terms["ce"]
     if cfg.lovasz_weight > 0:
-        counted = torch.ones_like(batch.semantics, dtype=torch.bool) if mask is None else mask.bool()
-        if ignore_index is not None:
-            counted = counted & (batch.semantics != ignore_index)
-        if cfg.lovasz_ignore_free:
-            counted = counted & (batch.semantics != output.free_index)
+        counted = lovasz_voxels(batch.semantics, mask, ignore_index, output.free_index, cfg.lovasz_ignore_free)
         terms["lovasz"] = lovasz_softmax(output.voxel_probs, batch.semantics, counted)
         total = total + cfg.lovasz_weight * terms["lovasz"]
     if cfg.init_depth_weight > 0:

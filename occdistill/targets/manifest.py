@@ -12,7 +12,7 @@ files. ``Manifest.from_json`` validates all of it and names the file and field o
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 

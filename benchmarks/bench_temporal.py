@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                  "over static camera-visible voxel pairs of consecutive frames",
     }
     atomic_write_json(args.out_json, report)
-    print(f"\ntune world (flicker / mIoU by filter weight):")
+    print("\ntune world (flicker / mIoU by filter weight):")
     for v, table in tune.items():
         print(f"  {v:<9}" + "".join(f"  w={w}: {r['flicker']:.3f} / {r['mIoU']:.2f}" for w, r in table.items()))
     for name, table in results.items():

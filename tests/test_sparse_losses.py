@@ -3,7 +3,6 @@ reference, label assignment, empty frames, GT subsampling, and a short overfit o
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

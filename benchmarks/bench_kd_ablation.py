@@ -131,6 +131,9 @@ SWEEP_KD: dict[str, KDVariant] = {
     # flat classes (terrain, other flat) are where its students fall furthest behind it.
     "both_feat10_okd": KDVariant(10.0, LAMBDA_LOGIT, "compact", (
         "distill.dense.lambda_kd=1.0", "distill.dense.tau_kd=2.0", "distill.dense.kd_voxels=occupied")),
+    # both_feat10 with CWD on the class channels only: the free channel's spatial distribution is the
+    # teacher's geometry, and this teacher's IoU is 14 points below its students' (64 vs 78).
+    "both_feat10_nofree": KDVariant(10.0, LAMBDA_LOGIT, "compact", ("distill.dense.cwd_skip_free=true",)),
     "both_dil0": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=0",)),
     "both_dil3": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=3",)),
     "both_mse": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_normalize=false",)),

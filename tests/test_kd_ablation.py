@@ -107,6 +107,7 @@ def test_each_sweep_variant_is_both_with_its_declared_change(bench):
         "both_tau4": {"tau_cwd": 4.0}, "both_logit3": {"lambda_logit": 3.0}, "both_feat3": {"lambda_feat": 3.0},
         "both_feat10": {"lambda_feat": 10.0}, "both_feat30": {"lambda_feat": 30.0},
         "both_feat10_okd": {"lambda_feat": 10.0, "lambda_kd": 1.0, "tau_kd": 2.0, "kd_voxels": "occupied"},
+        "both_feat10_nofree": {"lambda_feat": 10.0, "cwd_skip_free": True},
         "both_dil0": {"mfd_dilation": 0}, "both_dil3": {"mfd_dilation": 3}, "both_mse": {"mfd_normalize": False},
     }
     assert set(bench.SWEEP_VARIANTS) == set(expected)

@@ -218,6 +218,29 @@ def test_cwd_hand_values_log_prob_space_prob_and_logit_teacher():
     assert cwd_loss(s, probs.log(), "logit", 1.0, space="logit").item() > 1.0
 
 
+def test_cwd_skip_channel_by_hand():
+    # The raw-logit example above: KL_0 = KL_34_U, KL_1 = 1/2 ln(4/3). Skipping channel 0 leaves
+    # KL_1 over K - 1 = 1 channel; skipping channel 1 leaves KL_0.
+    t = voxels([[LN3, 0.0], [0.0, 0.0]])
+    s = voxels([[0.0, 0.0], [0.0, LN3]])
+    kl1 = 0.5 * math.log(4 / 3)
+    assert cwd_loss(s, t, "logit", 1.0, space="logit", skip_channel=0).item() == pytest.approx(kl1, rel=1e-6)
+    assert cwd_loss(s, t, "logit", 1.0, space="logit", skip_channel=1).item() == pytest.approx(KL_34_U, rel=1e-6)
+    with pytest.raises(ValueError, match="skip_channel 2"):
+        cwd_loss(s, t, "logit", 1.0, skip_channel=2)
+
+
+def test_distill_losses_cwd_skip_free():
+    student, targets, batch = scene()
+    cfg = DistillLossConfig(lambda_feat=0.0, lambda_logit=2.0, cwd_skip_free=True)
+    out = distill_losses(student, targets, batch, cfg, free_index=FREE)
+    voxel_mask = targets.valid & batch.mask_camera
+    expected = 2.0 * cwd_loss(student.voxel_logits, targets.voxel_probs, "prob", 1.0, voxel_mask, skip_channel=FREE)
+    assert out["cwd"].item() == pytest.approx(expected.item(), rel=1e-6)
+    every = distill_losses(student, targets, batch, replace(cfg, cwd_skip_free=False), free_index=FREE)
+    assert every["cwd"].item() != pytest.approx(out["cwd"].item(), rel=1e-3)
+
+
 def test_cwd_zero_at_match():
     t = rand_logits(1)
     for space in ("log_prob", "logit"):

@@ -250,6 +250,7 @@ def cwd_loss(
     mask: torch.Tensor | None = None,
     space: CWDSpace = "log_prob",
     eps: float = PROB_EPS,
+    skip_channel: int | None = None,
 ) -> torch.Tensor:
     """Channel-wise distillation (Shu et al., ICCV 2021) of voxel logits.
 
@@ -267,6 +268,9 @@ def cwd_loss(
             student logits equal to log p_teacher + any per-voxel constant give 0.
             ``"logit"``: raw logits as in Shu et al./mmrazor; needs a logit teacher.
         eps: probability floor for a probability teacher (``log(p + eps)``).
+        skip_channel: a class channel left out of the sum (and of K in the mean), e.g. free: its
+            spatial distribution is the teacher's geometry, which a student may already know
+            better (the per-voxel log-softmax still runs over all K).
 
     Per batch element b and class k: ``p_T = softmax_v(t_bk(v) / tau)``, ``p_S`` likewise over
     the masked voxels v, ``KL_bk = sum_v p_T log(p_T / p_S)``;
@@ -284,6 +288,8 @@ def cwd_loss(
         raise ValueError("CWD on raw logits needs a logit teacher; a probability teacher has no logits "
                          "(use space='log_prob')")
     batch, num_classes = student_logits.shape[0], student_logits.shape[-1]
+    if skip_channel is not None and not 0 <= skip_channel < num_classes:
+        raise ValueError(f"skip_channel {skip_channel} is not a class of the {num_classes} logits")
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         s, t = _pair(student_logits, teacher_scores(teacher, teacher_kind, eps))
         if space == "log_prob":
@@ -303,7 +309,11 @@ def cwd_loss(
         log_pt = _masked_log_softmax(t, keep)
         p_t = log_pt.exp() * keep
         kl = (p_t * (log_pt - log_ps)).sum(dim=-1) * has_any[..., 0]  # (B, K)
-        return kl.sum() * (tau**2) / (batch * num_classes)
+        if skip_channel is None:
+            return kl.sum() * (tau**2) / (batch * num_classes)
+        counted = torch.ones(num_classes, dtype=torch.bool, device=kl.device)
+        counted[skip_channel] = False
+        return kl[:, counted].sum() * (tau**2) / (batch * (num_classes - 1))
 
 
 def logit_kd_loss(
@@ -447,6 +457,7 @@ class DistillLossConfig:
     tau_kd: float = 1.0
     kd_voxels: KDVoxels = "all"  # occupied: KD of the class given occupancy on GT-occupied voxels
     cwd_space: CWDSpace = "log_prob"
+    cwd_skip_free: bool = False  # leave the free channel (the teacher's geometry) out of CWD
     mfd_target: MFDTarget = "bev_prob"
     mfd_normalize: bool = False
     mfd_dilation: int = 1  # BEV cells, square
@@ -532,7 +543,8 @@ def distill_losses(
                                                 cfg.mfd_normalize, cfg.mfd_target)
     if cfg.lambda_logit > 0:
         out["cwd"] = cfg.lambda_logit * cwd_loss(logits, teacher.voxel, teacher.kind, cfg.tau_cwd, voxel_mask,
-                                                 cfg.cwd_space, cfg.prob_eps)
+                                                 cfg.cwd_space, cfg.prob_eps,
+                                                 free_index if cfg.cwd_skip_free else None)
     if cfg.lambda_kd > 0 and cfg.kd_voxels == "occupied":
         if batch.semantics is None:
             raise ValueError("KD on occupied voxels needs GT semantics; the batch has none")

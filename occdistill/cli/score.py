@@ -6,7 +6,8 @@ Occ3D-nuScenes::
 
 GT ``ROOT/gts/<scene>/<token>/labels.npz`` (found through each info's ``occ_path`` tail), predictions
 ``PRED_DIR/<token>.npz`` with key ``semantics`` (uint8, X, Y, Z). Reports the devkit mIoU with
-``mask_camera``, geometry IoU and RayIoU at 1, 2, 4 m (origins from the infos' poses).
+``mask_camera``, geometry IoU and RayIoU at 1, 2, 4 m (origins from the infos' poses); with
+``--ranges 10,20`` also mIoU, IoU and per-class IoU in rings of distance from the ego (``by_range``).
 
 Occ-ScanNet::
 
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score a missing or invalid prediction as all-free and list it in the JSON, instead of failing",
     )
     parser.add_argument("--no-rayiou", action="store_true", help="occ3d: skip RayIoU (voxel metrics only)")
+    parser.add_argument("--ranges", metavar="D1,D2,...",
+                        help="occ3d: also score rings of horizontal distance from the ego, split at these metres "
+                        "(e.g. 10,20: 0-10, 10-20, >= 20 m); JSON key by_range")
     parser.add_argument(
         "--protocol",
         choices=("iso", "monoscene"),
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise OccDistillError(f"{args.pred}: prediction directory not found")
     if not args.data_root.is_dir():
         raise OccDistillError(f"{args.data_root}: data root not found")
+    if args.ranges and args.format != "occ3d":
+        raise OccDistillError("--ranges scores rings around the ego of an Occ3D grid; it needs --format occ3d")
     if args.format == "occ3d":
         if args.infos is None:
             raise OccDistillError("--format occ3d needs --infos INFOS.pkl")
@@ -116,15 +122,24 @@ def _score_occ3d(args: argparse.Namespace) -> dict[str, Any]:
     from occdistill.data.labels import load_occ3d_labels
     from occdistill.errors import DataError
     from occdistill.geometry.grid import OCC3D_GRID
+    from occdistill.errors import OccDistillError
+    from occdistill.metrics.by_range import RangeAccumulator, range_rings
     from occdistill.metrics.occ3d import Occ3DAccumulator
     from occdistill.metrics.rayiou import RayIoUAccumulator, lidar_origins
-    from occdistill.metrics.report import occ3d_report
+    from occdistill.metrics.report import by_range_report, occ3d_report
 
     classes = OCC3D_NUSCENES
     infos = load_infos(args.infos)
     # Real infos declare no grid (Occ3D's is implied); the synthetic world's declare theirs.
     grid = grid_from_metadata(infos.metadata, str(infos.path)) or OCC3D_GRID
     voxel_acc = Occ3DAccumulator(classes=classes, device=args.device)
+    range_acc = None
+    if args.ranges:
+        try:
+            rings = range_rings([float(v) for v in args.ranges.split(",")])
+        except ValueError as exc:
+            raise OccDistillError(f"--ranges {args.ranges}: {exc}") from None
+        range_acc = RangeAccumulator(grid, rings, classes, device=args.device)
     ray_acc = None if args.no_rayiou else RayIoUAccumulator(classes=classes, grid=grid, device=args.device)
     scenes: dict[str, list] = {}
     invalid: list[dict[str, str]] = []
@@ -142,6 +157,8 @@ def _score_occ3d(args: argparse.Namespace) -> dict[str, Any]:
             invalid.append({"sample": frame.token, "problem": problem})
             pred = np.full(labels.semantics.shape, classes.free_index, dtype=np.uint8)
         voxel_acc.update(pred, labels.semantics, labels.mask_camera)
+        if range_acc is not None:
+            range_acc.update(pred, labels.semantics, labels.mask_camera)
         if ray_acc is not None:
             if frame.scene_name not in scenes:
                 scenes[frame.scene_name] = infos.scene_frames(frame.scene_name)
@@ -150,7 +167,10 @@ def _score_occ3d(args: argparse.Namespace) -> dict[str, Any]:
             except ValueError as exc:
                 raise DataError(str(exc)) from exc
             ray_acc.update(pred, labels.semantics, origins)
-    return occ3d_report(voxel_acc.compute(), ray_acc.compute() if ray_acc is not None else None, invalid)
+    report = occ3d_report(voxel_acc.compute(), ray_acc.compute() if ray_acc is not None else None, invalid)
+    if range_acc is not None:
+        report["by_range"] = by_range_report(range_acc.compute())
+    return report
 
 
 def _frame_order(path: Path) -> tuple:

@@ -8,9 +8,11 @@ metric naming the reference it follows) and, for Occ3D, ``per_class_rayiou``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from occdistill.metrics._common import percent
+from occdistill.metrics.by_range import RangeRing
 from occdistill.metrics.occ3d import Occ3DMetrics
 from occdistill.metrics.occscannet import PROTOCOLS, OccScanNetMetrics
 from occdistill.metrics.rayiou import RayIoUMetrics
@@ -72,6 +74,15 @@ def occ3d_report(
     return report
 
 
+def by_range_report(results: list[tuple[RangeRing, Occ3DMetrics]]) -> list[dict[str, Any]]:
+    """JSON-ready list, one entry per ring: ``range_m`` [lo, hi] (hi null = no bound), ``mIoU``,
+    ``IoU``, ``per_class`` and ``num_voxels_evaluated``, as the whole-grid keys."""
+    return [{"range_m": [ring.lo, ring.hi if math.isfinite(ring.hi) else None], "mIoU": percent(m.miou),
+             "IoU": percent(m.iou_geometry), "per_class": {k: percent(v) for k, v in m.per_class.items()},
+             "num_voxels_evaluated": m.num_voxels}
+            for ring, m in results]
+
+
 def occscannet_report(m: OccScanNetMetrics, invalid: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """JSON-ready dict for Occ-ScanNet metrics."""
     return {
@@ -119,4 +130,20 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"samples: {report['num_samples']}   ({report['format']}, values in percent)")
     if report.get("invalid_predictions"):
         lines.append(f"invalid predictions counted as all-free: {len(report['invalid_predictions'])}")
+    if report.get("by_range"):
+        lines += ["", _range_table(report["by_range"], f)]
+    return "\n".join(lines)
+
+
+def _range_table(rows: list[dict[str, Any]], f) -> str:
+    """Per-class IoU by distance ring: one column per ring."""
+    labels = [f"<{hi:g} m" if lo == 0 else (f"{lo:g}-{hi:g} m" if hi is not None else f">={lo:g} m")
+              for lo, hi in (r["range_m"] for r in rows)]
+    head = f"{'IoU by range':<22}" + "".join(f"{label:>10}" for label in labels)
+    lines = [head, "-" * len(head)]
+    for name in rows[0]["per_class"]:
+        lines.append(f"{name:<22}" + "".join(f"{f(r['per_class'][name]):>10}" for r in rows))
+    lines.append("-" * len(head))
+    lines.append(f"{'mIoU':<22}" + "".join(f"{f(r['mIoU']):>10}" for r in rows))
+    lines.append(f"{'IoU (geometry)':<22}" + "".join(f"{f(r['IoU']):>10}" for r in rows))
     return "\n".join(lines)

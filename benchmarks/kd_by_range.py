@@ -8,7 +8,9 @@ directory: ``occdistill eval --save-pred`` on the val split, then ``occdistill s
 (devkit mIoU per ring of horizontal distance, ``occdistill.metrics.by_range``). Writes each score
 JSON under ``--out/<name>.json``, and ``--out.json`` / ``--out.md``: mIoU per ring for every model
 and the gap each distilled variant closes per ring, (variant - no_kd) / (teacher - no_kd), from the
-seed means. Prints the JSON.
+seed means; and, per ring, the share of camera-visible BEV columns that receive at least one of the
+student's lifted frustum points (the LSS lift of its no_kd run's geometry, on every 4th val frame),
+at its own depth bins and at each step of ``--coverage-steps``. Prints the JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +41,49 @@ def score(run: Path, data: Path, ranges: str, preds: Path, out_json: Path) -> di
     return json.loads(out_json.read_text())
 
 
+def lift_coverage(run: Path, data: Path, edges: list[float], steps: list[float], every: int = 4) -> dict[str, list]:
+    """{depth step in m: per ring, the mean over val frames of the share of camera-visible columns
+    (any ``mask_camera`` voxel) holding at least one lifted frustum point inside the grid}."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from occdistill.data.sample import collate
+    from occdistill.engine.checkpoint import load_trained_model
+    from occdistill.engine.data import open_split
+    from occdistill.metrics.by_range import range_rings, ring_masks
+    from occdistill.models.dense import DenseStudent
+
+    trained = load_trained_model(run)
+    model, cfg = trained.model, trained.checkpoint.config
+    grid = model.grid
+    dataset = open_split(cfg.data, "val", augment=False, grid=grid, root=data,
+                         split_path=data / "occdistill_infos_val.pkl")
+    masks = ring_masks(grid, range_rings(edges))  # (R, X, Y)
+    nx, ny, _ = grid.shape
+    lower, size = torch.tensor(grid.lower), torch.tensor(grid.size)
+    out: dict[str, list] = {}
+    for step in steps:
+        dmin, dmax, _ = model.cfg.depth_bins
+        lift = DenseStudent(dataclasses.replace(model.cfg, depth_bins=(dmin, dmax, step))).view_transform
+        shares = []
+        for i in range(0, len(dataset), every):
+            sample = dataset[i]
+            b = collate([sample])
+            # (1, N, D, h, w, 3) -> (P, 3) ego points of every frustum cell
+            pts = lift.ego_points(b.intrinsics, b.img_from_raw, b.keyego_from_cam).reshape(-1, 3).double()
+            col = ((pts[:, :2] - lower[:2]) / size[:2]).floor().long()
+            inside = ((col[:, 0] >= 0) & (col[:, 0] < nx) & (col[:, 1] >= 0) & (col[:, 1] < ny)
+                      & (pts[:, 2] >= grid.range[2]) & (pts[:, 2] < grid.range[5]))
+            hit = np.zeros((nx, ny), bool)
+            hit[col[inside, 0].numpy(), col[inside, 1].numpy()] = True
+            visible = np.asarray(sample.mask_camera).astype(bool).any(axis=-1)
+            shares.append([float(hit[m & visible].mean()) for m in masks])
+        out[f"{step:g}"] = np.mean(shares, axis=0).tolist()
+    return out
+
+
 def mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
@@ -57,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="3,4")
     parser.add_argument("--variants", default="no_kd,mfd,both", help="must start with no_kd")
     parser.add_argument("--ranges", default="8,14,20", help="ring edges in metres")
+    parser.add_argument("--coverage-steps", default="1.0,0.5",
+                        help="depth-bin steps (m) at which to measure the lift's coverage")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kd_by_range")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -81,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     overall = {model: mean([reports[n]["mIoU"] for n in names]) for model, names in models.items()}
     gaps = {v: [gap(table["mIoU"]["teacher"][i], table["mIoU"]["no_kd"][i], table["mIoU"][v][i])
                 for i in range(len(rings))] for v in variants[1:]}
+    edges = [float(e) for e in args.ranges.split(",")]
+    coverage = lift_coverage(runs[f"no_kd_s{seeds[0]}"], args.data, edges,
+                             [float(s) for s in args.coverage_steps.split(",")])
     report = {"command": " ".join([sys.executable, *sys.argv]), "work": str(args.work), "seeds": seeds,
               "rings_m": rings, "mIoU_overall": overall, "per_ring_seed_mean": table, "gap_closed_per_ring": gaps,
+              "lift_coverage_per_ring": coverage,
               "scores": {name: str(args.out / f"{name}.json") for name in reports}}
 
     def fmt(v: float | None, pct: bool = False) -> str:
@@ -100,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                      + " | ".join(fmt(v) for v in table["mIoU"][model]) + " |")
     for v in variants[1:]:
         lines.append(f"| gap closed by {v} | | " + " | ".join(fmt(g, pct=True) for g in gaps[v]) + " |")
+    lines += ["", "Share of camera-visible BEV columns holding at least one lifted frustum point of the student "
+              f"(its geometry and rig, every 4th val frame), by depth-bin step:", "",
+              "| depth step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(rings)]
+    for step, shares in coverage.items():
+        lines.append(f"| {step} m | " + " | ".join(fmt(x, pct=True) for x in shares) + " |")
     lines += ["", "Per class (IoU per ring, " + ", ".join(labels) + "):", "",
               "| class | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for key in CLASSES_SHOWN:

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants[1:]:
         lines.append(f"| gap closed by {v} | | " + " | ".join(fmt(g, pct=True) for g in gaps[v]) + " |")
     lines += ["", "Share of camera-visible BEV columns holding at least one lifted frustum point of the student "
-              f"(its geometry and rig, every 4th val frame), by depth-bin step:", "",
+              "(its geometry and rig, every 4th val frame), by depth-bin step:", "",
               "| depth step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(rings)]
     for step, shares in coverage.items():
         lines.append(f"| {step} m | " + " | ".join(fmt(x, pct=True) for x in shares) + " |")

@@ -721,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a config override of every student, no_kd included (repeatable), e.g. "
                         "loss.lovasz_weight=0.5; recorded in the report")
     args = parser.parse_args(argv)
-    if not all("=" in o and not o.startswith(("distill.", "runtime.seed", "optim.max_steps")) for o in args.student_set):
+    benchmark_keys = ("distill.", "runtime.seed", "optim.max_steps")
+    if not all("=" in o and not o.startswith(benchmark_keys) for o in args.student_set):
         parser.error("--student-set takes KEY=VALUE overrides outside distill.*, runtime.seed and optim.max_steps "
                      "(the benchmark sets those)")
     if not 1 <= args.procs <= 2:

@@ -120,9 +120,8 @@ def _score_occ3d(args: argparse.Namespace) -> dict[str, Any]:
     from occdistill.data.classes import OCC3D_NUSCENES
     from occdistill.data.infos import grid_from_metadata, load_infos, resolve_data_path
     from occdistill.data.labels import load_occ3d_labels
-    from occdistill.errors import DataError
+    from occdistill.errors import DataError, OccDistillError
     from occdistill.geometry.grid import OCC3D_GRID
-    from occdistill.errors import OccDistillError
     from occdistill.metrics.by_range import RangeAccumulator, range_rings
     from occdistill.metrics.occ3d import Occ3DAccumulator
     from occdistill.metrics.rayiou import RayIoUAccumulator, lidar_origins

@@ -47,7 +47,6 @@ def lift_coverage(run: Path, data: Path, edges: list[float], steps: list[float],
     import dataclasses
 
     import numpy as np
-    import torch
 
     from occdistill.data.sample import collate
     from occdistill.engine.checkpoint import load_trained_model
@@ -61,11 +60,9 @@ def lift_coverage(run: Path, data: Path, edges: list[float], steps: list[float],
     dataset = open_split(cfg.data, "val", augment=False, grid=grid, root=data,
                          split_path=data / "occdistill_infos_val.pkl")
     masks = ring_masks(grid, range_rings(edges))  # (R, X, Y)
-    nx, ny, _ = grid.shape
-    lower, size = torch.tensor(grid.lower), torch.tensor(grid.size)
+    dmin, dmax, _ = model.cfg.depth_bins
     out: dict[str, list] = {}
     for step in steps:
-        dmin, dmax, _ = model.cfg.depth_bins
         lift = DenseStudent(dataclasses.replace(model.cfg, depth_bins=(dmin, dmax, step))).view_transform
         shares = []
         for i in range(0, len(dataset), every):
@@ -73,11 +70,9 @@ def lift_coverage(run: Path, data: Path, edges: list[float], steps: list[float],
             b = collate([sample])
             # (1, N, D, h, w, 3) -> (P, 3) ego points of every frustum cell
             pts = lift.ego_points(b.intrinsics, b.img_from_raw, b.keyego_from_cam).reshape(-1, 3).double()
-            col = ((pts[:, :2] - lower[:2]) / size[:2]).floor().long()
-            inside = ((col[:, 0] >= 0) & (col[:, 0] < nx) & (col[:, 1] >= 0) & (col[:, 1] < ny)
-                      & (pts[:, 2] >= grid.range[2]) & (pts[:, 2] < grid.range[5]))
-            hit = np.zeros((nx, ny), bool)
-            hit[col[inside, 0].numpy(), col[inside, 1].numpy()] = True
+            idx, inside = grid.point_to_index(pts)
+            hit = np.zeros(grid.shape[:2], bool)
+            hit[idx[inside, 0].numpy(), idx[inside, 1].numpy()] = True
             visible = np.asarray(sample.mask_camera).astype(bool).any(axis=-1)
             shares.append([float(hit[m & visible].mean()) for m in masks])
         out[f"{step:g}"] = np.mean(shares, axis=0).tolist()

@@ -10,7 +10,8 @@ import torch
 from occdistill.data.classes import OCC3D_NUSCENES
 from occdistill.engine.config import LossConfig
 from occdistill.engine.objective import supervised_losses
-from occdistill.losses.lovasz import lovasz_softmax, lovasz_voxels
+from occdistill.losses.lovasz import lovasz_softmax
+from occdistill.losses.supervised import labelled_voxels
 
 
 def test_lovasz_softmax_by_hand():
@@ -27,12 +28,12 @@ def test_lovasz_softmax_by_hand():
     assert lovasz_softmax(probs, labels, torch.tensor([False, False, True])).item() == pytest.approx(0.3)
 
 
-def test_lovasz_voxels_mask_ignore_and_free():
+def test_labelled_voxels_mask_ignore_and_free():
     sem = torch.tensor([0, 17, 255, 3])
     mask = torch.tensor([True, True, True, False])
-    assert lovasz_voxels(sem, mask, 255, 17, True).tolist() == [True, False, False, False]
-    assert lovasz_voxels(sem, None, None, 17, False).tolist() == [True, True, True, True]
-    assert lovasz_voxels(sem, None, 255, 17, False).tolist() == [True, True, False, True]
+    assert labelled_voxels(sem, mask, 255, 17).tolist() == [True, False, False, False]
+    assert labelled_voxels(sem, None, None, None).tolist() == [True, True, True, True]
+    assert labelled_voxels(sem, None, 255, None).tolist() == [True, True, False, True]
 
 
 def _tiny(seed: int = 0):

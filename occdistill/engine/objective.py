@@ -15,8 +15,8 @@ from torch import nn
 from occdistill.data.classes import ClassTable
 from occdistill.data.sample import Batch
 from occdistill.engine.config import LossConfig
-from occdistill.losses.lovasz import lovasz_softmax, lovasz_voxels
-from occdistill.losses.supervised import depth_bce_loss, voxel_cross_entropy
+from occdistill.losses.lovasz import lovasz_softmax
+from occdistill.losses.supervised import depth_bce_loss, labelled_voxels, voxel_cross_entropy
 from occdistill.models.dense import DenseOutput
 from occdistill.nn.depth_bins import DepthBins
 
@@ -72,7 +72,10 @@ def supervised_losses(
     terms = {"ce": voxel_cross_entropy(out.voxel_logits, batch.semantics, mask, weights, classes.ignore_index)}
     total = terms["ce"]
     if cfg.lovasz_weight > 0:
-        counted = lovasz_voxels(batch.semantics, mask, classes.ignore_index, classes.free_index, cfg.lovasz_ignore_free)
+        # GaussianFormer-2 leaves free voxels out of Lovász: it shapes which class an occupied voxel
+        # gets while the CE keeps deciding free vs occupied
+        counted = labelled_voxels(batch.semantics, mask, classes.ignore_index,
+                                  classes.free_index if cfg.lovasz_ignore_free else None)
         terms["lovasz"] = lovasz_softmax(out.voxel_logits.float().softmax(dim=-1), batch.semantics, counted)
         total = total + cfg.lovasz_weight * terms["lovasz"]
     if cfg.depth_weight > 0:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from occdistill.losses.supervised import labelled_voxels
 from occdistill.targets.collapse import collapse_bev
 from occdistill.targets.loader import TargetBatch
 
@@ -115,28 +116,13 @@ def bev_occupancy_mask(
         raise ValueError(f"dilation must be >= 0, got {dilation}")
     if semantics.dim() != 4:
         raise ValueError(f"semantics must be (B, X, Y, Z), got {tuple(semantics.shape)}")
-    cells = gt_occupied(semantics, free_index, ignore_index, voxel_mask).any(dim=-1)  # (B, X, Y)
+    cells = labelled_voxels(semantics, voxel_mask, ignore_index, free_index).any(dim=-1)  # (B, X, Y)
     if dilation == 0:
         return cells
     size = 2 * dilation + 1
     # max_pool2d pads with -inf, so the border is clipped, not wrapped or extended.
     grown = F.max_pool2d(cells[:, None].float(), size, stride=1, padding=dilation)
     return grown[:, 0] > 0
-
-
-def gt_occupied(
-    semantics: torch.Tensor, free_index: int, ignore_index: int | None = 255, voxel_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Voxels whose GT label is neither ``free_index`` nor ``ignore_index`` (AND ``voxel_mask``):
-    (B, X, Y, Z) -> (B, X, Y, Z) bool, on ``semantics``' device."""
-    occupied = semantics != free_index
-    if ignore_index is not None:
-        occupied &= semantics != ignore_index
-    if voxel_mask is not None:
-        if voxel_mask.shape != semantics.shape:
-            raise ValueError(f"voxel mask {tuple(voxel_mask.shape)} must match semantics {tuple(semantics.shape)}")
-        occupied &= voxel_mask.to(semantics.device).bool()
-    return occupied
 
 
 class BEVAdapter(nn.Module):
@@ -380,7 +366,7 @@ def occupied_kd_loss(
     if not 0 <= free_index < num_classes:
         raise ValueError(f"free_index {free_index} is not a class of the {num_classes} logits")
     keep = [k for k in range(num_classes) if k != free_index]
-    occupied = gt_occupied(semantics.to(student_logits.device), free_index, ignore_index, mask)
+    occupied = labelled_voxels(semantics.to(student_logits.device), mask, ignore_index, free_index)
     scores = teacher_scores(teacher, teacher_kind, eps)  # logits: the renormalisation is the softmax's
     return logit_kd_loss(student_logits[..., keep], scores[..., keep], "logit", tau, occupied)
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from occdistill.data.sample import Batch
 from occdistill.geometry.grid import VoxelGrid
-from occdistill.losses.lovasz import lovasz_softmax, lovasz_voxels
-from occdistill.losses.supervised import voxel_cross_entropy
+from occdistill.losses.lovasz import lovasz_softmax
+from occdistill.losses.supervised import labelled_voxels, voxel_cross_entropy
 from occdistill.nn.depth_bins import DepthBins
 
 
@@ -124,7 +124,8 @@ def gaussian_teacher_loss(
         terms["ce"] = voxel_cross_entropy(output.voxel_logits, batch.semantics, mask, class_weights, ignore_index)
         total = total + cfg.ce_weight * terms["ce"]
     if cfg.lovasz_weight > 0:
-        counted = lovasz_voxels(batch.semantics, mask, ignore_index, output.free_index, cfg.lovasz_ignore_free)
+        counted = labelled_voxels(batch.semantics, mask, ignore_index,
+                                  output.free_index if cfg.lovasz_ignore_free else None)
         terms["lovasz"] = lovasz_softmax(output.voxel_probs, batch.semantics, counted)
         total = total + cfg.lovasz_weight * terms["lovasz"]
     if cfg.init_depth_weight > 0:

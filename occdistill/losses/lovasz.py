@@ -41,23 +41,3 @@ def lovasz_softmax(probs: torch.Tensor, labels: torch.Tensor, counted: torch.Ten
     if not losses:
         return probs.sum() * 0.0
     return torch.stack(losses).mean()
-
-
-
-def lovasz_voxels(
-    semantics: torch.Tensor,
-    mask: torch.Tensor | None,
-    ignore_index: int | None,
-    free_index: int,
-    ignore_free: bool,
-) -> torch.Tensor:
-    """The voxels (bool, shape of ``semantics``) that take part in Lovász: ``mask`` (e.g. Occ3D
-    ``mask_camera``; None = all), labels != ``ignore_index``, and with ``ignore_free`` labels !=
-    ``free_index`` (GaussianFormer-2: Lovász on occupied voxels only, so it shapes which class an
-    occupied voxel gets while the CE keeps deciding free vs occupied)."""
-    counted = torch.ones_like(semantics, dtype=torch.bool) if mask is None else mask.bool()
-    if ignore_index is not None:
-        counted = counted & (semantics != ignore_index)
-    if ignore_free:
-        counted = counted & (semantics != free_index)
-    return counted

@@ -13,6 +13,27 @@ import torch.nn.functional as F
 from occdistill.nn.depth_bins import DepthBins
 
 
+def labelled_voxels(
+    semantics: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    free_index: int | None = None,
+) -> torch.Tensor:
+    """The voxels a voxel loss counts, (B, X, Y, Z) -> (B, X, Y, Z) bool on ``semantics``' device:
+    inside ``mask`` (e.g. Occ3D ``mask_camera``; None = all), label != ``ignore_index`` and, when
+    ``free_index`` is given, label != ``free_index`` (the GT-occupied voxels)."""
+    counted = torch.ones_like(semantics, dtype=torch.bool)
+    if mask is not None:
+        if mask.shape != semantics.shape:
+            raise ValueError(f"voxel mask {tuple(mask.shape)} must match semantics {tuple(semantics.shape)}")
+        counted &= mask.to(semantics.device).bool()
+    if ignore_index is not None:
+        counted &= semantics != ignore_index
+    if free_index is not None:
+        counted &= semantics != free_index
+    return counted
+
+
 def voxel_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,

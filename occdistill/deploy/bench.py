@@ -367,6 +367,7 @@ def _dense_stages(model: DenseStudent, images: torch.Tensor, intrinsics: torch.T
     context = context.view(batch, cams, vt.context_channels, h, w)  # (B, N, C, h, w)
     lap("depth_net")
     lifted = vt.splat(depth, context, intrinsics, img_from_raw, ego_from_cam)  # (B, C, X, Y)
+    lifted = vt.add_ground(lifted, feats, intrinsics, img_from_raw, ego_from_cam)  # the pooling stage includes it
     lap("pooling")
     bev = lifted
     if model.cfg.temporal_frames:  # history (B, F, C, X, Y) of zeros: forward's default without history

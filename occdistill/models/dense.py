@@ -68,10 +68,14 @@ class DenseStudentConfig:
     depth_net_channels: int = 256
     camera_aware: bool = True
     bev_channels: int = 128  # BEV encoder output (M0 128, M1 256)
+    bev_stage_channels: tuple[int, ...] | None = None  # BEV encoder stage widths (None: FlashOcc's 2C, 4C, 8C)
     head_mlp: bool = True
     num_classes: int = 18
     grid: GridConfig = field(default_factory=GridConfig)
     temporal_frames: int = 0  # earlier frames fused into the BEV (0 = single-frame model)
+    # None (FlashOcc): LSS splat only. A height (m, ego frame): add the ground plane's backward
+    # projection to the splat (occdistill/nn/ground_sample.py), for the flat classes.
+    ground_height: float | None = None
 
     @property
     def feature_stride(self) -> int:
@@ -118,13 +122,14 @@ class DenseStudent(nn.Module):
             grid=grid,
             mid_channels=cfg.depth_net_channels,
             camera_aware=cfg.camera_aware,
+            ground_height=cfg.ground_height,
         )
         if cfg.temporal_frames < 0:
             raise ValueError(f"temporal_frames must be >= 0, got {cfg.temporal_frames}")
         # Created only when on, so that a single-frame model keeps its exact state-dict keys.
         if cfg.temporal_frames:
             self.temporal = TemporalFusion(cfg.context_channels, cfg.temporal_frames)
-        self.bev_encoder = BEVEncoder(cfg.context_channels, cfg.bev_channels)
+        self.bev_encoder = BEVEncoder(cfg.context_channels, cfg.bev_channels, cfg.bev_stage_channels)
         self.head = BEVOccHead(cfg.bev_channels, grid.shape[2], cfg.num_classes, use_mlp=cfg.head_mlp)
         self.register_buffer("pixel_mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)

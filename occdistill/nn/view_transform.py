@@ -29,6 +29,7 @@ from occdistill.geometry import VoxelGrid
 from occdistill.nn.backbone import BasicBlock
 from occdistill.nn.bev_pool import PrecomputedBEVPool, bev_pool_scatter, precompute_pool_indices
 from occdistill.nn.depth_bins import DepthBins
+from occdistill.nn.ground_sample import GroundSampler
 
 NUM_CAMERA_PARAMS = 20
 """Length of the camera-parameter vector of :func:`camera_parameters`."""
@@ -136,6 +137,10 @@ class LSSViewTransformer(nn.Module):
         mid_channels: width of the depth net.
         camera_aware: gate the depth net with the camera parameters (BEVDepth).
         num_depth_blocks: residual blocks in the depth branch.
+        ground_height: None (FlashOcc), or the ego-frame height (m) of the ground plane whose
+            backward projection (:class:`occdistill.nn.ground_sample.GroundSampler`, its own 1x1
+            conv of the features) is added to the splat: every camera-visible cell gets the
+            features of where its ground point is seen, not only the cells frustum points reach.
 
     Forward: features (B, N, C_in, h, w), intrinsics (B, N, 3, 3), img_from_raw (B, N, 3, 3),
     ego_from_cam (B, N, 4, 4) -> :class:`ViewTransformOutput`.
@@ -159,6 +164,7 @@ class LSSViewTransformer(nn.Module):
         mid_channels: int = 256,
         camera_aware: bool = True,
         num_depth_blocks: int = 1,
+        ground_height: float | None = None,
     ):
         super().__init__()
         height, width = image_size
@@ -175,6 +181,10 @@ class LSSViewTransformer(nn.Module):
         )
         self.register_buffer("frustum", self._make_frustum(), persistent=False)
         self.fixed_pool: PrecomputedBEVPool | None = None
+        # Created only when on, so that a FlashOcc view transformer keeps its exact state-dict keys.
+        self.ground: GroundSampler | None = None
+        if ground_height is not None:
+            self.ground = GroundSampler(in_channels, context_channels, grid, self.image_size, ground_height)
 
     def _make_frustum(self) -> torch.Tensor:
         """(D, h, w, 3) homogeneous pixel rays scaled by depth: (u*d, v*d, d) at cell centres."""
@@ -211,10 +221,22 @@ class LSSViewTransformer(nn.Module):
         cams = (t.to(device)[None] for t in (intrinsics, img_from_raw, ego_from_cam))
         points = self.ego_points(*cams)[0]  # (N, D, h, w, 3)
         self.fixed_pool = PrecomputedBEVPool(precompute_pool_indices(points, self.grid))
+        if self.ground is not None:
+            self.ground.set_fixed_rig(intrinsics, img_from_raw, ego_from_cam)
 
     def clear_fixed_rig(self) -> None:
         """Return to per-batch geometry (training path)."""
         self.fixed_pool = None
+        if self.ground is not None:
+            self.ground.clear_fixed_rig()
+
+    def add_ground(self, bev: torch.Tensor, features: torch.Tensor, intrinsics: torch.Tensor,
+                   img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> torch.Tensor:
+        """The splat (B, C, X, Y) plus the ground-plane sample of the features (B, N, C_in, h, w),
+        or the splat unchanged without a ground branch."""
+        if self.ground is None:
+            return bev
+        return bev + self.ground(features, intrinsics, img_from_raw, ego_from_cam).to(bev.dtype)
 
     def splat(
         self,
@@ -255,4 +277,5 @@ class LSSViewTransformer(nn.Module):
         depth = depth_logits.softmax(dim=1).view(batch, cams, -1, h, w)  # (B*N, D, h, w) -> (B, N, D, h, w)
         context = context.view(batch, cams, self.context_channels, h, w)  # (B*N, C, h, w) -> (B, N, C, h, w)
         bev = self.splat(depth, context, intrinsics, img_from_raw, ego_from_cam)
+        bev = self.add_ground(bev, features, intrinsics, img_from_raw, ego_from_cam)
         return ViewTransformOutput(bev=bev, depth=depth)

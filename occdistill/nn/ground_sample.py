@@ -1,0 +1,139 @@
+"""Ground-plane backward projection: every BEV cell samples the image features where its ground point is seen.
+
+The LSS splat (forward projection) reaches a BEV cell only if some frustum point lands in it; at
+1 m depth bins and stride-8 features that is under half of the camera-visible cells within 8 m
+of the ego and about a fifth beyond 20 m (benchmarks/results/kd_by_range.md), and what arrives is
+smeared by the depth uncertainty. Flat classes (road, sidewalk, terrain, other flat) are told
+apart by the colour and texture of the ground itself, so the ground point of a cell is where to
+look (a one-height case of the backward projection of BEVFormer / Simple-BEV / FB-BEV):
+
+    p_ego  = (x_c, y_c, height)                  BEV cell centre at the ground height
+    (u, v) = pix(K_aug @ inv(ego_from_cam) @ p)  K_aug = img_from_raw @ K; seen if z_cam > 0 and
+                                                 (u, v) lies inside the H x W input
+    value  = bilinear sample of the feature map at (u, v), clamped to the outer cell centres,
+             averaged over the cameras that see the point (zero where none does).
+
+Feature cell (i, j) at stride s looks along input pixel ((j + 1/2) s, (i + 1/2) s)
+(view_transform.py), so input pixel u is feature coordinate u / s - 1/2: exactly what
+``grid_sample(align_corners=False)`` reads at the normalised ``2 u / W - 1``, whatever the stride.
+
+The geometry (:class:`GroundProjection`) is computed per batch in training and once for a fixed
+rig in deployment (:meth:`GroundSampler.set_fixed_rig`); sampling is GridSample, Mul and
+ReduceSum (ONNX opset >= 16; the export needs 17 anyway).
+
+Shapes: B batch, N cameras, C channels, h w feature map, X Y BEV cells (flattened x-major, as the grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from occdistill.geometry import VoxelGrid
+
+
+@dataclass(frozen=True)
+class GroundProjection:
+    """coords (B, N, X*Y, 2) float32: ``grid_sample`` coordinates (x = u, y = v, align_corners=False)
+    of every cell's ground point in camera n; weight (B, N, X*Y) float32: 1 / (cameras seeing the
+    point) where camera n sees it, else 0, so a seen cell's weights sum to 1 over the cameras."""
+
+    coords: torch.Tensor
+    weight: torch.Tensor
+
+
+def project_ground(
+    intrinsics: torch.Tensor,
+    img_from_raw: torch.Tensor,
+    ego_from_cam: torch.Tensor,
+    grid: VoxelGrid,
+    image_size: tuple[int, int],
+    height: float,
+) -> GroundProjection:
+    """Cameras (B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) -> the projection of every BEV cell centre
+    at ``height`` (m, ego frame). The 3x4 camera matrices are composed in float64 (the
+    calibration's precision); the per-cell product runs in float32."""
+    img_h, img_w = image_size
+    num_x, num_y, _ = grid.shape
+    sx, sy = grid.voxel_size[0], grid.voxel_size[1]
+    device = intrinsics.device
+    xs = grid.range[0] + (torch.arange(num_x, dtype=torch.float32, device=device) + 0.5) * sx
+    ys = grid.range[1] + (torch.arange(num_y, dtype=torch.float32, device=device) + 0.5) * sy
+    gx, gy = torch.meshgrid(xs, ys, indexing="ij")  # (X, Y) each, cell [x, y]
+    cells = torch.stack([gx, gy, torch.full_like(gx, height), torch.ones_like(gx)]).reshape(4, -1)  # (4, X*Y)
+
+    cam_from_ego = torch.linalg.inv(ego_from_cam.double())[..., :3, :]  # (B, N, 3, 4)
+    img_from_ego = (img_from_raw.double() @ intrinsics.double() @ cam_from_ego).float()  # (B, N, 3, 4)
+    pix = img_from_ego @ cells  # (B, N, 3, X*Y)
+    z = pix[:, :, 2]
+    safe_z = torch.where(z > 0, z, torch.ones_like(z))
+    u, v = pix[:, :, 0] / safe_z, pix[:, :, 1] / safe_z  # (B, N, X*Y) input pixels
+    seen = (z > 0) & (u >= 0) & (u < img_w) & (v >= 0) & (v < img_h)
+    views = seen.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1, X*Y) cameras seeing each cell
+    # Unseen points get coordinate 0 (their weight is 0): no inf/NaN ever reaches grid_sample.
+    coords = torch.stack([torch.where(seen, 2 * u / img_w - 1, torch.zeros_like(u)),
+                          torch.where(seen, 2 * v / img_h - 1, torch.zeros_like(v))], dim=-1)
+    return GroundProjection(coords=coords, weight=seen / views)
+
+
+def ground_sample(features: torch.Tensor, proj: GroundProjection, grid_xy: tuple[int, int]) -> torch.Tensor:
+    """features (B, N, C, h, w) -> (B, C, X, Y): each cell the weighted mean over cameras of the
+    bilinear feature at its ground point. A projection of batch 1 (a fixed rig) serves any batch."""
+    batch, cams, channels, h, w = features.shape
+    num_x, num_y = grid_xy
+    pb, pn, cells, _ = proj.coords.shape
+    if pn != cams or cells != num_x * num_y or pb not in (1, batch):
+        raise ValueError(f"ground projection {tuple(proj.coords.shape)} does not fit features "
+                         f"{tuple(features.shape)} and grid {num_x}x{num_y}")
+    coords = proj.coords.expand(batch, -1, -1, -1).reshape(batch * cams, 1, cells, 2)
+    # (B*N, C, h, w) sampled at (B*N, 1, X*Y, 2) -> (B*N, C, 1, X*Y)
+    sampled = F.grid_sample(features.reshape(batch * cams, channels, h, w), coords.to(features.dtype),
+                            mode="bilinear", padding_mode="border", align_corners=False)
+    weight = proj.weight.to(features.dtype).expand(batch, -1, -1)[:, :, None]  # (B, N, 1, X*Y)
+    out = (sampled.view(batch, cams, channels, cells) * weight).sum(dim=1)  # (B, C, X*Y)
+    return out.view(batch, channels, num_x, num_y)
+
+
+class GroundSampler(nn.Module):
+    """A 1x1 conv from the neck features to C channels, sampled at every BEV cell's ground point.
+
+    Forward: features (B, N, C_in, h, w) + cameras (as :func:`project_ground`) -> (B, C, X, Y).
+    After :meth:`set_fixed_rig` the projection of that rig is held as (non-persistent) buffers and
+    the camera matrices are ignored.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, grid: VoxelGrid, image_size: tuple[int, int],
+                 height: float):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+        self.grid, self.image_size, self.height = grid, tuple(image_size), height
+        # Buffers (they follow .to()) outside the state dict: derived from the calibration, not learned.
+        self.register_buffer("fixed_coords", None, persistent=False)
+        self.register_buffer("fixed_weight", None, persistent=False)
+
+    def project(self, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
+                ego_from_cam: torch.Tensor) -> GroundProjection:
+        return project_ground(intrinsics, img_from_raw, ego_from_cam, self.grid, self.image_size, self.height)
+
+    @torch.no_grad()
+    def set_fixed_rig(self, intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> None:
+        """Precompute the projection of one rig: (N, 3, 3), (N, 3, 3), (N, 4, 4)."""
+        device = self.proj.weight.device
+        proj = self.project(*(t.to(device)[None] for t in (intrinsics, img_from_raw, ego_from_cam)))
+        self.fixed_coords, self.fixed_weight = proj.coords, proj.weight
+
+    def clear_fixed_rig(self) -> None:
+        self.fixed_coords = self.fixed_weight = None
+
+    def forward(self, features: torch.Tensor, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
+                ego_from_cam: torch.Tensor) -> torch.Tensor:
+        batch, cams, channels, h, w = features.shape
+        x = self.proj(features.reshape(batch * cams, channels, h, w))  # (B*N, C_in, h, w) -> (B*N, C, h, w)
+        if self.fixed_coords is not None:
+            proj = GroundProjection(coords=self.fixed_coords, weight=self.fixed_weight)
+        else:
+            proj = self.project(intrinsics, img_from_raw, ego_from_cam)
+        return ground_sample(x.view(batch, cams, -1, h, w), proj, self.grid.shape[:2])

@@ -68,8 +68,12 @@ def street(tmp_path_factory):
     return generate("street", tmp_path_factory.mktemp("street"), scenes=1, frames=2, seed=0, progress=False)
 
 
+@pytest.mark.parametrize("ground", [False, True])
 @pytest.mark.parametrize("fixed_rig", [False, True])
-def test_profiled_forward_reproduces_forward_exactly(model, fixed_rig):
+def test_profiled_forward_reproduces_forward_exactly(model, fixed_rig, ground):
+    if ground:  # the ground-plane branch is part of the pooling stage
+        torch.manual_seed(0)
+        model = DenseStudent(dataclasses.replace(tiny_config(), ground_height=0.0)).eval()
     inputs = synthetic_inputs(model, batch=2)
     if fixed_rig:
         model.set_fixed_rig(inputs.intrinsics[0], inputs.img_from_raw[0], inputs.ego_from_cam[0])

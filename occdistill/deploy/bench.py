@@ -76,7 +76,7 @@ from occdistill.models.dense import DenseOutput, DenseStudent
 from occdistill.models.gaussian import GaussianOutput, GaussianTeacher, img_from_ego_matrices
 from occdistill.models.sparse import SparseOccStudent, SparseOutput
 from occdistill.nn.gaussian_splat import bev_collapse, free_last_to_table, splat_gaussians
-from occdistill.nn.view_transform import camera_parameters
+from occdistill.nn.view_transform import FixedRigPlans, camera_parameters
 
 STAGES = ("backbone", "neck", "depth_net", "pooling", "bev_encoder", "head", "argmax")  # dense student
 SPARSE_STAGES = ("backbone", "neck", "decoder", "voxelize")
@@ -805,7 +805,7 @@ def _bench_paths(model: BenchableModel, kind: str, inputs: EngineInputs,
     if kind != "dense":
         return {FORWARD_PATH: lambda: None}, None
     vt = model.view_transform
-    paths = {"train": lambda: setattr(vt, "fixed_pool", None)}
+    paths = {"train": lambda: vt.use_plans(FixedRigPlans())}
     if not export_path:
         return paths, None
     device = inputs.images.device
@@ -814,8 +814,8 @@ def _bench_paths(model: BenchableModel, kind: str, inputs: EngineInputs,
     model.set_fixed_rig(inputs.intrinsics[0], inputs.img_from_raw[0], inputs.ego_from_cam[0])
     sync(device)
     plan_ms = 1e3 * (time.perf_counter() - t)
-    plan = vt.fixed_pool
-    paths["export"] = lambda: setattr(vt, "fixed_pool", plan)
+    plans = vt.fixed_plans()
+    paths["export"] = lambda: vt.use_plans(plans)
     return paths, plan_ms
 
 
@@ -948,7 +948,7 @@ def benchmark(
     device = inputs.images.device
     machine = machine_info(device)
     was_training = model.training
-    original_plan = model.view_transform.fixed_pool if kind == "dense" else None
+    original_plans = model.view_transform.fixed_plans() if kind == "dense" else None
     model.eval()
     try:
         paths, plan_ms = _bench_paths(model, kind, inputs, export_path)
@@ -964,7 +964,7 @@ def benchmark(
             flops_by_stage = count_stage_flops(model, inputs) if count_flops else None
     finally:
         if kind == "dense":
-            model.view_transform.fixed_pool = original_plan
+            model.view_transform.use_plans(original_plans)
         model.train(was_training)
 
     batch, cams = inputs.images.shape[:2]
@@ -1393,14 +1393,14 @@ def side_by_side(
         raise OccDistillError(f"give distinct variants, got {list(variants)}")
     if not any(e == "eager" for e, _ in specs):
         raise OccDistillError("the side-by-side needs an eager variant (the reference and the baseline)")
-    was_training, original_plan = model.training, model.view_transform.fixed_pool
+    was_training, original_plans = model.training, model.view_transform.fixed_plans()
     original_threads = torch.get_num_threads()  # each variant sets its own; the caller gets its setting back
     model.eval()
     try:
         return _side_by_side(model, rig, specs, names, onnx_paths, dataset, image_aug, input_format, batch, threads,
                              repeats, warmup, compile_mode, measure_memory, model_name, progress)
     finally:
-        model.view_transform.fixed_pool = original_plan
+        model.view_transform.use_plans(original_plans)
         model.train(was_training)
         torch.set_num_threads(original_threads)
 

@@ -37,6 +37,7 @@ from occdistill.deploy.export import (
 )
 from occdistill.errors import OccDistillError
 from occdistill.io import atomic_write_bytes, atomic_write_json, file_sha256
+from occdistill.nn.view_transform import FixedRigPlans
 
 PRECISIONS = ("fp32", "fp16", "int8")
 POOLING_SCOPE = "fixed_pool"  # module path of the precomputed pooling inside the exported DenseStudent
@@ -289,12 +290,12 @@ def evaluate_variants(
     from occdistill.engine.evaluate import evaluate
 
     vt = model.view_transform
-    saved = vt.fixed_pool
-    vt.fixed_pool = None
+    saved = vt.fixed_plans()
+    vt.use_plans(FixedRigPlans())
     try:
         eager = evaluate(model, dataset, torch.device("cpu"), rayiou=rayiou, progress=progress)
     finally:
-        vt.fixed_pool = saved
+        vt.use_plans(saved)
     keys = ("mIoU", "IoU") + (("RayIoU",) if rayiou else ())
     rows: dict[str, dict[str, Any]] = {"eager": {k: eager[k] for k in keys}}
     rows["eager"]["note"] = "PyTorch, per-frame calibration (training pooling path)"

@@ -122,18 +122,23 @@ class GroundSampler(nn.Module):
     def set_fixed_rig(self, intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> None:
         """Precompute the projection of one rig: (N, 3, 3), (N, 3, 3), (N, 4, 4)."""
         device = self.proj.weight.device
-        proj = self.project(*(t.to(device)[None] for t in (intrinsics, img_from_raw, ego_from_cam)))
-        self.fixed_coords, self.fixed_weight = proj.coords, proj.weight
+        self.use_fixed(self.project(*(t.to(device)[None] for t in (intrinsics, img_from_raw, ego_from_cam))))
 
-    def clear_fixed_rig(self) -> None:
-        self.fixed_coords = self.fixed_weight = None
+    def fixed(self) -> GroundProjection | None:
+        """The fixed rig's projection in use, None on the per-batch path."""
+        if self.fixed_coords is None:
+            return None
+        return GroundProjection(coords=self.fixed_coords, weight=self.fixed_weight)
+
+    def use_fixed(self, proj: GroundProjection | None) -> None:
+        """Sample with ``proj`` from now on (None: project each batch's cameras)."""
+        self.fixed_coords, self.fixed_weight = (None, None) if proj is None else (proj.coords, proj.weight)
 
     def forward(self, features: torch.Tensor, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
                 ego_from_cam: torch.Tensor) -> torch.Tensor:
         batch, cams, channels, h, w = features.shape
         x = self.proj(features.reshape(batch * cams, channels, h, w))  # (B*N, C_in, h, w) -> (B*N, C, h, w)
-        if self.fixed_coords is not None:
-            proj = GroundProjection(coords=self.fixed_coords, weight=self.fixed_weight)
-        else:
+        proj = self.fixed()
+        if proj is None:
             proj = self.project(intrinsics, img_from_raw, ego_from_cam)
         return ground_sample(x.view(batch, cams, -1, h, w), proj, self.grid.shape[:2])

@@ -29,7 +29,7 @@ from occdistill.geometry import VoxelGrid
 from occdistill.nn.backbone import BasicBlock
 from occdistill.nn.bev_pool import PrecomputedBEVPool, bev_pool_scatter, precompute_pool_indices
 from occdistill.nn.depth_bins import DepthBins
-from occdistill.nn.ground_sample import GroundSampler
+from occdistill.nn.ground_sample import GroundProjection, GroundSampler
 
 NUM_CAMERA_PARAMS = 20
 """Length of the camera-parameter vector of :func:`camera_parameters`."""
@@ -114,6 +114,15 @@ class DepthNet(nn.Module):
             depth_in = self.depth_gate(x, camera_params)
             context_in = self.context_gate(x, camera_params)
         return self.depth_out(self.depth_blocks(depth_in)), self.context_out(context_in)
+
+
+@dataclass(frozen=True)
+class FixedRigPlans:
+    """What :meth:`LSSViewTransformer.set_fixed_rig` precomputes: the pooling plan and, with the
+    ground branch, the ground projection. Both None: per-batch geometry (training path)."""
+
+    pool: PrecomputedBEVPool | None = None
+    ground: GroundProjection | None = None
 
 
 @dataclass
@@ -226,9 +235,16 @@ class LSSViewTransformer(nn.Module):
 
     def clear_fixed_rig(self) -> None:
         """Return to per-batch geometry (training path)."""
-        self.fixed_pool = None
+        self.use_plans(FixedRigPlans())
+
+    def fixed_plans(self) -> FixedRigPlans:
+        """The plans in use (to switch between paths and restore them: deploy.bench)."""
+        return FixedRigPlans(pool=self.fixed_pool, ground=self.ground.fixed() if self.ground is not None else None)
+
+    def use_plans(self, plans: FixedRigPlans) -> None:
+        self.fixed_pool = plans.pool
         if self.ground is not None:
-            self.ground.clear_fixed_rig()
+            self.ground.use_fixed(plans.ground)
 
     def add_ground(self, bev: torch.Tensor, features: torch.Tensor, intrinsics: torch.Tensor,
                    img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> torch.Tensor:

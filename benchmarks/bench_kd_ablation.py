@@ -17,9 +17,11 @@ it yet), with the same split, seeds and step budget for every student:
    probability map through the student's projecting adapter), ``occdistill dump-teacher`` in two
    shares;
 3. for every seed trains the student ``street-tiny`` (``--student-steps``) as
-   ``no_kd`` (no teacher), ``mfd`` (+MFD), ``cwd`` (+CWD), ``both`` (MFD+CWD) and ``both_fp16``
-   (MFD+CWD read from the seed fp16 files; the others read the compact files), each evaluated at
-   the end on the val split by the engine (EMA weights: mIoU, IoU, RayIoU, per-class IoU);
+   ``no_kd`` (no teacher), ``mfd`` (+MFD), ``cwd`` (+CWD), ``both`` (MFD+CWD), ``both_fp16``
+   (MFD+CWD read from the seed fp16 files; the others read the compact files) and ``both_img``
+   (MFD+CWD + the image level: the student's neck features matched to the teacher's finest level,
+   its image encoder run online), each evaluated at the end on the val split by the engine (EMA
+   weights: mIoU, IoU, RayIoU, per-class IoU);
 4. measures the latency of teacher and student at the same input: batch 1, six synthetic 128x224
    cameras, 1 thread, engine-only forward + argmax, median/p90/min of ``--latency-repeats``
    forwards (``occdistill.deploy.bench.benchmark``), after the trainings so that only the other
@@ -36,8 +38,9 @@ those students, e.g. to check a swept setting on seeds it was not picked on.
 Declared before any run (never picked on val): the distillation weights below (unit weights, the
 seed's loss with MFD on the teacher's BEV feature, PKD-normalised, and CWD at tau 1; at the
 student's initialisation they are 1.0 and 2.9 against a CE of 3.0 on training batches), and the
-headline ``distilled_mIoU`` = the ``both`` variant (:data:`DISTILLED_VARIANT`). ``--lambda-feat`` sets
-another MFD weight for mfd/both/both_fp16, declared by the command that runs them (recorded in the
+headline ``distilled_mIoU`` = the ``both_img`` variant (:data:`DISTILLED_VARIANT`; ``both`` until
+session 7), image-level weight 1 (DiScene's). ``--lambda-feat`` sets
+another MFD weight for mfd/both/both_fp16/both_img, declared by the command that runs them (recorded in the
 report): a weight picked on the sweep must then be measured on seeds the sweep did not use.
 ``gap_closed = (distilled - student) / (teacher - student)`` per seed and for the seed means.
 
@@ -87,12 +90,16 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 STUDENT_CONFIG = "street-tiny"
-DISTILLED_VARIANT = "both"  # declared up front: the headline distilled student
+# Declared up front: the headline distilled student. "both" (MFD + CWD) until session 7's analysis
+# (the Gaussian teacher's image features separate the flat classes, the student's do not) declared
+# both_img, MFD + CWD + the image-level term at DiScene's encoder weight, before any run of it.
+DISTILLED_VARIANT = "both_img"
 # Shared by every distilled variant (occdistill.distill.recipe, also the main job's): MFD (PKD
 # normalisation, GT-occupied cells dilated by 1) on the teacher's MFD target (TEACHERS), CWD on
 # per-voxel log-probabilities at tau 1, camera-visible voxels only, no Hinton KD.
 KD_COMMON = MFD_CWD_COMMON
 LAMBDA_FEAT, LAMBDA_LOGIT = 1.0, 1.0
+LAMBDA_IMG = 1.0  # DiScene's encoder-level weight (lambda_1)
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class KDVariant:
     lambda_logit: float
     source: str  # distill.dump_source: "compact" or "fp16"
     changes: tuple[str, ...] = ()
+    lambda_img: float = 0.0  # image level: the teacher run's image encoder online (distill.image_teacher)
 
 
 def ablation_kd(lambda_feat: float = LAMBDA_FEAT) -> dict[str, KDVariant | None]:
@@ -114,6 +122,7 @@ def ablation_kd(lambda_feat: float = LAMBDA_FEAT) -> dict[str, KDVariant | None]
         "cwd": KDVariant(0.0, LAMBDA_LOGIT, "compact"),
         "both": KDVariant(lambda_feat, LAMBDA_LOGIT, "compact"),
         "both_fp16": KDVariant(lambda_feat, LAMBDA_LOGIT, "fp16"),
+        "both_img": KDVariant(lambda_feat, LAMBDA_LOGIT, "compact", lambda_img=LAMBDA_IMG),
     }
 
 
@@ -274,9 +283,11 @@ def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any]
     """(ablation variants, sweep variants) to train: all of :data:`VARIANTS` (and :data:`SWEEP_VARIANTS`
     with ``sweep``) by default, else the comma-separated ``spec`` in declaration order, which must
     name known variants including no_kd and the headline one (``error`` reports a bad spec). A sweep
-    variant that equals the headline at ``lambda_feat`` is left out of ``sweep`` and refused by name."""
-    headline = variant_kd(DISTILLED_VARIANT, lambda_feat)
-    same = {v for v in SWEEP_VARIANTS if SWEEP_KD[v] == headline}
+    variant that equals an ablation variant at ``lambda_feat`` is left out of ``sweep`` and refused by name."""
+    ablation = ablation_kd(lambda_feat)
+    twin = {v: next(a for a, kd in ablation.items() if kd == SWEEP_KD[v])
+            for v in SWEEP_VARIANTS if SWEEP_KD[v] in ablation.values()}
+    same = set(twin)
     if spec is None:
         return VARIANTS, tuple(v for v in SWEEP_VARIANTS if sweep and v not in same)
     names = {v.strip() for v in spec.split(",") if v.strip()}
@@ -287,21 +298,28 @@ def selected_variants(spec: str | None, sweep: bool, error: Callable[[str], Any]
     if missing:
         error(f"--variants must include {', '.join(missing)} (the headline's student and distilled variants)")
     if names & same:
-        error(f"--variants: {', '.join(sorted(names & same))} is {DISTILLED_VARIANT} at --lambda-feat {lambda_feat}")
+        error("--variants: " + ", ".join(f"{v} is {twin[v]}" for v in sorted(names & same))
+              + f" at --lambda-feat {lambda_feat}")
     return (tuple(v for v in VARIANTS if v in names),
             tuple(v for v in SWEEP_VARIANTS if (v in names or sweep) and v not in same))
 
 
 def variant_overrides(variant: str, dump: str | Path, mfd_target: str = "feature",
-                      lambda_feat: float = LAMBDA_FEAT) -> list[str]:
-    """The student's ``distill.*`` overrides of a variant (empty for no_kd)."""
+                      lambda_feat: float = LAMBDA_FEAT, teacher_run: str | Path | None = None) -> list[str]:
+    """The student's ``distill.*`` overrides of a variant (empty for no_kd); ``teacher_run``: the
+    image-level term's teacher (required by a variant with one)."""
     kd = variant_kd(variant, lambda_feat)
     if kd is None:
         return []
+    image = []
+    if kd.lambda_img > 0:
+        if teacher_run is None:
+            raise ValueError(f"variant {variant} distils image features: give the teacher run")
+        image = [f"distill.image_teacher={teacher_run}", f"distill.dense.lambda_img={kd.lambda_img}"]
     return [f"distill.dump={dump}", f"distill.dump_source={kd.source}", *KD_COMMON,
             f"distill.dense.mfd_target={mfd_target}",
             f"distill.dense.lambda_feat={kd.lambda_feat}", f"distill.dense.lambda_logit={kd.lambda_logit}",
-            *kd.changes]
+            *image, *kd.changes]
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -770,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                    argv=tuple(dump_argv))
 
     def student(variant: str, seed: int) -> Job:
-        kd = variant_overrides(variant, dump, setup.mfd_target, args.lambda_feat)
+        kd = variant_overrides(variant, dump, setup.mfd_target, args.lambda_feat, teacher_run)
         deps = (finalize.name,) if kd else ()
         name = f"{variant}_s{seed}"
         return Job(name, "train", logs / f"{name}.log", deps=deps, config=STUDENT_CONFIG,

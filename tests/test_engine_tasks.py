@@ -22,11 +22,13 @@ from occdistill.engine.tasks import (
     DenseObjective,
     SparseObjective,
     build_objective,
+    load_image_teacher,
     load_teacher,
     predict_labels,
     teacher_init,
 )
 from occdistill.errors import ConfigError, DataError
+from occdistill.losses.discene import normalized_mse
 from occdistill.models.build import build_model
 
 SYNTH = [
@@ -136,6 +138,36 @@ def test_dense_student_distils_online_and_the_teacher_stays_frozen(street, dense
     assert not {id(p) for p in objective.teacher.parameters()} & {id(p) for p in objective.trainable_parameters()}
 
 
+def test_dense_student_distils_the_teachers_image_features(street, dense_teacher, tmp_path):
+    """Image level alone (no dump, MFD/CWD off): the term is lambda * the mean over pixels of the
+    channel-normalised squared difference of the neck features (equal widths: no adapter), and
+    only the student learns from it."""
+    overrides = [*DENSE, "optim.max_steps=2", "data.val_split=", f"distill.image_teacher={dense_teacher}",
+                 "distill.dense.lambda_img=2.0", "distill.dense.lambda_feat=0", "distill.dense.lambda_logit=0"]
+    train(config(street, *overrides), tmp_path / "img")
+    terms = train_terms(tmp_path / "img")
+    assert "img" in terms and not {"mfd", "cwd", "kd"} & terms
+
+    cfg = config(street, *overrides)
+    data = open_split(cfg.data, "train", augment=False)
+    student = build_model(cfg.model)
+    objective = build_objective(student, cfg.loss, cfg.distill, data.classes, amp="off", seed=0,
+                                image_teacher=load_image_teacher(cfg.distill, student))
+    objective.train()
+    assert not objective.image_teacher.training
+    assert not any(p.requires_grad for p in objective.image_teacher.parameters())
+    assert not list(objective.adapters["img"].parameters())  # 16 -> 16 channels: identity
+    item = TrainItem(collate([data[0]]))
+    out = objective(item, 0)
+    with torch.no_grad():
+        s = student(item.batch.images, item.batch.intrinsics, item.batch.img_from_raw, item.batch.ego_from_cam)
+        t = objective.image_teacher.image_features(item.batch.images)
+    expected = 2.0 * normalized_mse(s.image_features, t, dim=2).mean()
+    torch.testing.assert_close(out["img"], expected)
+    out["img"].backward()
+    assert student.backbone.conv1.weight.grad.abs().sum() > 0
+
+
 def test_sparse_student_distils_at_every_discene_level_with_teacher_guided_init(street, sparse_teacher, tmp_path):
     overrides = [*sparse(), "optim.max_steps=2", "data.val_split=", f"distill.checkpoint={sparse_teacher}",
                  "distill.teacher_guided_init=true", "distill.num_anchors=8"]
@@ -157,6 +189,12 @@ def test_sparse_student_distils_at_every_discene_level_with_teacher_guided_init(
     ([*sparse(), "distill.dump={dump}"], "offline teacher targets train dense students"),
     (["distill.checkpoint={sparse_teacher}"], "learns from a DenseStudent or GaussianTeacher"),
     (["distill.teacher_guided_init=true", "distill.checkpoint={dense_teacher}"], "teacher_guided_init needs a sparse"),
+    (["distill.checkpoint={dense_teacher}", "distill.dense.lambda_img=1"],
+     "lambda_img > 0 and distill.image_teacher go together"),
+    (["distill.image_teacher={dense_teacher}"], "lambda_img > 0 and distill.image_teacher go together"),
+    (["distill.image_teacher={dense_teacher}", "distill.dense.lambda_img=1"], "neither teacher targets"),
+    (["distill.image_teacher={dense_teacher}", "distill.dense.lambda_img=1", "model.dense.backbone.out_indices=[2,3]"],
+     "at stride 8, the student's at 16"),
 ])
 def test_bad_teacher_pairings_are_config_errors(street, dense_teacher, sparse_teacher, tmp_path, overrides, message):
     paths = {"dump": tmp_path, "sparse_teacher": sparse_teacher, "dense_teacher": dense_teacher}

@@ -112,12 +112,15 @@ class DistillConfig:
     Online (``checkpoint``): a trained teacher (run directory or checkpoint) run in eval mode under
     no_grad on every training batch. A dense student takes a dense or Gaussian teacher (``dense``
     weights), a sparse student a sparse teacher (DiScene levels, ``discene`` weights).
+    Image level (``image_teacher``, dense students, with or without the two above): a trained dense
+    or Gaussian model whose image encoder alone runs online, for ``dense.lambda_img``.
     """
 
     dump: str = ""
     dump_source: Literal["auto", "compact", "fp16"] = "auto"  # auto: compact when the dump has it
     checkpoint: str = ""
     teacher_weights: Literal["ema", "model"] = "ema"  # ema: the teacher's EMA weights when it has them
+    image_teacher: str = ""  # run directory or checkpoint whose image features dense.lambda_img matches
     dense: DistillLossConfig = field(default_factory=DistillLossConfig)  # MFD / CWD / KD
     discene: DiSceneWeights = field(default_factory=DiSceneWeights)  # encoder / query / prior / anchor
     teacher_guided_init: bool = False  # DiScene TGI: copy the teacher's decoder into the student at step 0
@@ -132,7 +135,7 @@ class DistillConfig:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.dump or self.checkpoint)
+        return bool(self.dump or self.checkpoint or self.image_teacher)
 
 
 @dataclass(frozen=True)

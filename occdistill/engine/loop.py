@@ -70,6 +70,7 @@ from occdistill.engine.schedule import LRSchedule
 from occdistill.engine.tasks import (
     Objective,
     build_objective,
+    load_image_teacher,
     load_teacher,
     takes_depth_input,
     teacher_init,
@@ -243,7 +244,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, ctx: DistContext) -> T
         weights = class_weights(counts, cfg.loss.class_weights, cfg.loss.class_weight_exponent)
     objective = build_objective(model, cfg.loss, cfg.distill, train_set.classes, amp=rt.amp, seed=rt.seed,
                                 class_weights=weights, teacher=load_teacher(cfg.distill, model),
-                                dump_feature_channels=dump_channels)
+                                dump_feature_channels=dump_channels,
+                                image_teacher=load_image_teacher(cfg.distill, model))
     if ckpt is None and cfg.distill.teacher_guided_init:
         init_report = teacher_init(objective, cfg.distill)  # before the EMA copies the weights
         if ctx.is_main and rt.progress:

@@ -13,7 +13,8 @@ uninterrupted one would. Evaluation predicts with :func:`predict_labels`.
 
 Terms per kind (unweighted terms, except the distillation terms which are logged as added):
 
-- dense: ``ce``, ``lovasz`` and ``depth`` (when weighted in); with a teacher ``mfd``, ``cwd``, ``kd`` (weighted);
+- dense: ``ce``, ``lovasz`` and ``depth`` (when weighted in); with a teacher ``mfd``, ``cwd``, ``kd``, ``img``
+  (weighted);
 - gaussian: ``ce``, ``lovasz``, ``init_depth``;
 - sparse: ``init.pts``, ``d{l}.pts``, ``d{l}.cls``; with a teacher ``kd.encoder``, ``kd.query``,
   ``kd.prior``, ``kd.anchor`` (level totals before the DiScene lambdas) and ``kd.total`` (weighted).
@@ -35,7 +36,7 @@ from occdistill.engine.data import TrainItem
 from occdistill.engine.objective import forward_batch, supervised_losses
 from occdistill.engine.precision import autocast
 from occdistill.errors import ConfigError
-from occdistill.losses.discene import teacher_guided_init
+from occdistill.losses.discene import EncoderAdapter, encoder_kd, teacher_guided_init
 from occdistill.losses.distill import TeacherSignals, build_adapter, distill_losses
 from occdistill.losses.gaussian import gaussian_teacher_loss
 from occdistill.losses.sparse import sparse_loss
@@ -71,16 +72,29 @@ class Objective(nn.Module):
 
 class DenseObjective(Objective):
     """The dense student's supervised loss, plus MFD / CWD / KD from a teacher when given one
-    (``targets`` of a dump, or ``teacher``: a frozen dense or Gaussian model run online)."""
+    (``targets`` of a dump, or ``teacher``: a frozen dense or Gaussian model run online), plus the
+    image-level term from ``image_teacher`` (a frozen dense or Gaussian model whose image encoder
+    runs online; :func:`load_image_teacher`)."""
 
     def __init__(self, model: DenseStudent, loss: LossConfig, classes: ClassTable, amp: str, *,
                  class_weights: torch.Tensor | None = None, distill: DistillConfig | None = None,
-                 teacher: nn.Module | None = None, teacher_channels: int | None = None) -> None:
+                 teacher: nn.Module | None = None, teacher_channels: int | None = None,
+                 image_teacher: nn.Module | None = None) -> None:
         super().__init__(model, amp)
         self.loss, self.classes, self.distill = loss, classes, distill
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.depth_bins = model.view_transform.depth_bins if loss.depth_weight > 0 else None
         self.teacher = None if teacher is None else freeze(teacher)
+        self.image_teacher = None if image_teacher is None else freeze(image_teacher)
+        d = distill.dense if distill is not None else None
+        if (d is not None and d.lambda_img > 0) != (self.image_teacher is not None):
+            raise ConfigError("distill.dense.lambda_img > 0 and distill.image_teacher go together (the image-level "
+                              "term needs the teacher's image features; a teacher without the term would idle)")
+        # MFD / CWD / KD read a dump's targets or the online teacher's outputs.
+        self.target_terms = d is not None and max(d.lambda_feat, d.lambda_logit, d.lambda_kd) > 0
+        if self.image_teacher is not None:
+            self.adapters["img"] = EncoderAdapter([model.cfg.neck_channels],
+                                                  [image_feature_channels(self.image_teacher)])
         if distill is not None:
             # MFD matches the BEV probability map (K channels) or the teacher's BEV feature.
             channels = classes.num_classes if distill.dense.mfd_target == "bev_prob" else teacher_channels
@@ -92,8 +106,9 @@ class DenseObjective(Objective):
 
     def train(self, mode: bool = True) -> "DenseObjective":
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for teacher in (self.teacher, self.image_teacher):
+            if teacher is not None:
+                teacher.eval()
         return self
 
     def _teacher_signals(self, item: TrainItem) -> TeacherSignals:
@@ -117,11 +132,20 @@ class DenseObjective(Objective):
             out = dense_forward(self.model, batch, item.previous)
         terms = supervised_losses(out, batch, self.loss, self.classes, self.depth_bins, self.class_weights)
         if self.distill is not None:
-            if item.targets is None and self.teacher is None:
-                raise ConfigError("distillation is configured but neither teacher targets nor a teacher were given")
-            kd = distill_losses(out, self._teacher_signals(item), batch, self.distill.dense,
-                                self.adapters["mfd"] if "mfd" in self.adapters else None,
-                                free_index=self.classes.free_index, ignore_index=self.classes.ignore_index)
+            kd: dict[str, torch.Tensor] = {}
+            if self.target_terms:
+                if item.targets is None and self.teacher is None:
+                    raise ConfigError("MFD / CWD / KD are weighted in (distill.dense.lambda_feat, lambda_logit, "
+                                      "lambda_kd) but neither teacher targets (distill.dump) nor a teacher "
+                                      "(distill.checkpoint) were given")
+                kd = distill_losses(out, self._teacher_signals(item), batch, self.distill.dense,
+                                    self.adapters["mfd"] if "mfd" in self.adapters else None,
+                                    free_index=self.classes.free_index, ignore_index=self.classes.ignore_index)
+            if self.image_teacher is not None:
+                with torch.no_grad(), autocast(batch.images.device, self.amp):
+                    teacher_feats = finest_image_features(self.image_teacher, batch.images)
+                kd["img"] = self.distill.dense.lambda_img * encoder_kd([out.image_features], [teacher_feats],
+                                                                       self.adapters["img"])
             total = terms.pop("total")
             for name, value in kd.items():
                 terms[name] = value
@@ -280,17 +304,56 @@ def load_teacher(distill: DistillConfig, student: nn.Module) -> nn.Module | None
     return freeze(teacher)
 
 
+def image_feature_channels(teacher: nn.Module) -> int:
+    """C of :func:`finest_image_features` of a dense or Gaussian model."""
+    return teacher.cfg.neck_channels
+
+
+def finest_image_features(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, N, 3, H, W) -> the model's finest neck level (B, N, C, h, w): a dense model's only
+    level, a Gaussian teacher's first."""
+    feats = teacher.image_features(images)
+    return feats[0] if isinstance(feats, list) else feats
+
+
+def load_image_teacher(distill: DistillConfig, student: nn.Module) -> nn.Module | None:
+    """The frozen model of ``distill.image_teacher`` (None without one), checked against the dense
+    student: a dense or Gaussian model with the same input size and finest feature stride, so that
+    its feature map and the student's cover the same pixels."""
+    if not distill.image_teacher:
+        return None
+    from occdistill.engine.checkpoint import load_trained_model
+
+    where = f"distill.image_teacher {distill.image_teacher}"
+    if not isinstance(student, DenseStudent):
+        raise ConfigError(f"{where}: image-level distillation is for dense students, not a {type(student).__name__}")
+    teacher = load_trained_model(distill.image_teacher, distill.teacher_weights).model
+    if not isinstance(teacher, (DenseStudent, GaussianTeacher)):
+        raise ConfigError(f"{where}: a DenseStudent or GaussianTeacher, not a {type(teacher).__name__}")
+    if tuple(teacher.cfg.image_size) != tuple(student.cfg.image_size):
+        raise ConfigError(f"{where}: teacher input {tuple(teacher.cfg.image_size)} differs from the student's "
+                          f"{tuple(student.cfg.image_size)} (both read the same loader's images)")
+    if teacher.cfg.feature_stride != student.cfg.feature_stride:
+        raise ConfigError(f"{where}: teacher's finest features are at stride {teacher.cfg.feature_stride}, the "
+                          f"student's at {student.cfg.feature_stride}")
+    return freeze(teacher)
+
+
 def build_objective(model: nn.Module, loss: LossConfig, distill: DistillConfig, classes: ClassTable, *,
                     amp: str, seed: int, class_weights: torch.Tensor | None = None,
-                    teacher: nn.Module | None = None, dump_feature_channels: int | None = None) -> Objective:
+                    teacher: nn.Module | None = None, dump_feature_channels: int | None = None,
+                    image_teacher: nn.Module | None = None) -> Objective:
     """The objective of ``model``'s kind; ``teacher`` from :func:`load_teacher` (online), or an
     offline dump (``distill.dump``) whose targets the loop passes to every call
-    (``dump_feature_channels``: C of its BEV feature, when it has one)."""
+    (``dump_feature_channels``: C of its BEV feature, when it has one); ``image_teacher`` from
+    :func:`load_image_teacher` (dense students)."""
     if isinstance(model, DenseStudent):
         channels = teacher.cfg.bev_channels if isinstance(teacher, DenseStudent) else dump_feature_channels
         return DenseObjective(model, loss, classes, amp, class_weights=class_weights,
                               distill=distill if distill.enabled else None, teacher=teacher,
-                              teacher_channels=channels)
+                              teacher_channels=channels, image_teacher=image_teacher)
+    if image_teacher is not None:
+        raise ConfigError("distill.image_teacher: image-level distillation is for dense students")
     if isinstance(model, GaussianTeacher):
         if teacher is not None:
             raise ConfigError("distill: the Gaussian teacher trains without a teacher")

@@ -3,9 +3,13 @@ the 3D logits (CWD) and classic per-voxel logit KD (Hinton), plus the glue that 
 weighted terms of seed 000's total loss
 
     L = L_stu + L_depth + lambda_feat * L_MFD + lambda_logit * L_CWD   (+ lambda_kd * L_KD, baseline)
+        (+ lambda_img * L_IMG)
 
 Distill point 1 is the student's BEV feature (:attr:`DenseOutput.bev_feature`), distill point 2
-its voxel logits after Channel-to-Height (:attr:`DenseOutput.voxel_logits`).
+its voxel logits after Channel-to-Height (:attr:`DenseOutput.voxel_logits`). L_IMG, an image-level
+point 0 (DiScene's encoder level, :func:`occdistill.losses.discene.encoder_kd`, on the student's
+neck features :attr:`DenseOutput.image_features`), needs the teacher's image features and is
+computed by the training objective (occdistill/engine/tasks.py), not here.
 
 Conventions shared by every function here:
 
@@ -439,6 +443,9 @@ class DistillLossConfig:
     lambda_feat: float = 1.0  # MFD
     lambda_logit: float = 1.0  # CWD
     lambda_kd: float = 0.0  # Hinton logit KD (baseline)
+    # Image level (DiScene's encoder level on the dense student): channel-normalised MSE per pixel
+    # between the student's neck features and distill.image_teacher's finest level.
+    lambda_img: float = 0.0
     tau_cwd: float = 1.0
     tau_kd: float = 1.0
     kd_voxels: KDVoxels = "all"  # occupied: KD of the class given occupancy on GT-occupied voxels
@@ -451,7 +458,7 @@ class DistillLossConfig:
     prob_eps: float = PROB_EPS
 
     def __post_init__(self) -> None:
-        for name in ("lambda_feat", "lambda_logit", "lambda_kd"):
+        for name in ("lambda_feat", "lambda_logit", "lambda_kd", "lambda_img"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

@@ -64,9 +64,9 @@ def test_spread_over_seeds_by_hand(bench):
 
 
 def test_summary_per_seed_mean_and_targets_by_hand(bench):
-    per_seed = {0: {"no_kd": 10.0, "both_img": 14.0, "mfd": 11.0}, 1: {"no_kd": 12.0, "both_img": 15.0, "mfd": 0.0}}
+    per_seed = {0: {"no_kd": 10.0, "both": 14.0, "mfd": 11.0}, 1: {"no_kd": 12.0, "both": 15.0, "mfd": 0.0}}
     out = bench.summarize(20.0, per_seed)
-    assert out["distilled_variant"] == "both_img"
+    assert out["distilled_variant"] == "both"
     assert out["per_seed"]["0"] == {"teacher_mIoU": 20.0, "student_mIoU": 10.0, "distilled_mIoU": 14.0,
                                     "gap_closed": pytest.approx(0.4)}
     assert out["per_seed"]["1"]["gap_closed"] == pytest.approx(3.0 / 8.0)
@@ -81,7 +81,7 @@ def test_summary_per_seed_mean_and_targets_by_hand(bench):
     assert targets["teacher_clearly_above_student"]["met"] and not targets["gap_closed"]["met"]
     # a teacher within 2 points of one seed's student is not "clearly above"
     assert not bench.summarize(13.5, per_seed)["targets"]["teacher_clearly_above_student"]["met"]
-    assert bench.summarize(30.0, {0: {"no_kd": 10.0, "both_img": 20.0}})["targets"]["gap_closed"]["met"]
+    assert bench.summarize(30.0, {0: {"no_kd": 10.0, "both": 20.0}})["targets"]["gap_closed"]["met"]
 
 
 def test_latency_summary_and_variant_overrides(bench):
@@ -96,10 +96,11 @@ def test_latency_summary_and_variant_overrides(bench):
     assert "distill.dense.lambda_feat=0.0" in bench.variant_overrides("cwd", "d")
     for v in bench.VARIANTS:  # every variant is a valid student config
         load_train_config("street-tiny", bench.variant_overrides(v, "d", teacher_run="t"))
-    img = load_train_config("street-tiny", bench.variant_overrides("both_img", "d", teacher_run="t")).distill
-    assert img.image_teacher == "t" and img.dense.lambda_img == bench.LAMBDA_IMG and img.dense.lambda_feat == 1.0
+    img = load_train_config("street-tiny", bench.variant_overrides("both_feat10_img", "d", teacher_run="t")).distill
+    assert img.image_teacher == "t" and img.dense.lambda_img == bench.LAMBDA_IMG and img.dense.lambda_feat == 10.0
+    assert not load_train_config("street-tiny", bench.variant_overrides("both", "d", teacher_run="t")).distill.image_teacher
     with pytest.raises(ValueError, match="give the teacher run"):
-        bench.variant_overrides("both_img", "d")
+        bench.variant_overrides("both_feat10_img", "d")
 
 
 def test_each_sweep_variant_is_both_with_its_declared_change(bench):
@@ -112,11 +113,12 @@ def test_each_sweep_variant_is_both_with_its_declared_change(bench):
         "both_feat10": {"lambda_feat": 10.0}, "both_feat30": {"lambda_feat": 30.0},
         "both_feat10_okd": {"lambda_feat": 10.0, "lambda_kd": 1.0, "tau_kd": 2.0, "kd_voxels": "occupied"},
         "both_feat10_nofree": {"lambda_feat": 10.0, "cwd_skip_free": True},
+        "both_feat10_img": {"lambda_feat": 10.0, "lambda_img": 1.0},
         "both_dil0": {"mfd_dilation": 0}, "both_dil3": {"mfd_dilation": 3}, "both_mse": {"mfd_normalize": False},
     }
     assert set(bench.SWEEP_VARIANTS) == set(expected)
     for v, change in expected.items():
-        cfg = load_train_config("street-tiny", bench.variant_overrides(v, "d")).distill.dense
+        cfg = load_train_config("street-tiny", bench.variant_overrides(v, "d", teacher_run="t")).distill.dense
         differs = {k: getattr(cfg, k) for k in vars(both) if getattr(cfg, k) != getattr(both, k)}
         assert differs == change, v
     kd = bench.SWEEP_KD["both_logit3"]
@@ -144,19 +146,16 @@ def test_selected_variants(bench):
     assert bench.selected_variants(None, False, error) == (bench.VARIANTS, ())
     assert bench.selected_variants(None, True, error) == (bench.VARIANTS, bench.SWEEP_VARIANTS)
     # declaration order, whatever the order given; ablation and sweep names split apart
-    assert bench.selected_variants("both_feat3, both_img, both,no_kd", False, error) == (
-        ("no_kd", "both", "both_img"), ("both_feat3",))
+    assert bench.selected_variants("both_feat3, both,no_kd", False, error) == (("no_kd", "both"), ("both_feat3",))
     with pytest.raises(ValueError, match="unknown both_tau9"):
-        bench.selected_variants("no_kd,both_img,both_tau9", False, error)
+        bench.selected_variants("no_kd,both,both_tau9", False, error)
     with pytest.raises(ValueError, match="must include no_kd"):
-        bench.selected_variants("both_img,mfd", False, error)
-    with pytest.raises(ValueError, match="must include both_img"):
-        bench.selected_variants("no_kd,both", False, error)
-    # --lambda-feat 10: both_feat10 IS both, so the sweep leaves it out and refuses it by name
+        bench.selected_variants("both,mfd", False, error)
+    # --lambda-feat 10: both_feat10 IS the headline, so the sweep leaves it out and refuses it by name
     ablation, swept = bench.selected_variants(None, True, error, lambda_feat=10.0)
     assert ablation == bench.VARIANTS and "both_feat10" not in swept and "both_feat3" in swept
     with pytest.raises(ValueError, match="both_feat10 is both at --lambda-feat 10.0"):
-        bench.selected_variants("no_kd,both_img,both_feat10", False, error, lambda_feat=10.0)
+        bench.selected_variants("no_kd,both,both_feat10", False, error, lambda_feat=10.0)
 
 
 def test_lambda_feat_sets_the_headline_mfd_weight(bench):
@@ -186,12 +185,12 @@ def test_smoke_run_writes_the_report(tmp_path, bench):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "kd_ablation.json").read_text())
     assert report["smoke"] and report["seeds"] == [0] and report["lambda_feat"] == bench.LAMBDA_FEAT
-    assert set(report["variants"]) == {"no_kd", "mfd", "cwd", "both", "both_fp16", "both_img"}
-    assert report["distilled_mIoU"] == report["variants"]["both_img"]["per_seed"]["0"]["mIoU"]
+    assert set(report["variants"]) == {"no_kd", "mfd", "cwd", "both", "both_fp16"}
+    assert report["distilled_mIoU"] == report["variants"]["both"]["per_seed"]["0"]["mIoU"]
     assert report["student_mIoU"] == report["variants"]["no_kd"]["per_seed"]["0"]["mIoU"]
     terms = {v: set(report["variants"][v]["per_seed"]["0"]["final_train_terms"]) for v in report["variants"]}
     assert {"mfd", "cwd"} <= terms["both"] and {"mfd", "cwd"} <= terms["both_fp16"]
-    assert {"mfd", "cwd", "img"} <= terms["both_img"] and not {"img"} & (terms["both"] | terms["mfd"])
+    assert "img" not in terms["both"] and "img" not in terms["mfd"]
     assert "mfd" in terms["mfd"] and "cwd" not in terms["mfd"] and "cwd" in terms["cwd"] and "mfd" not in terms["cwd"]
     assert not {"mfd", "cwd"} & terms["no_kd"]
     # --student-set reaches every student, no_kd included, and is recorded
@@ -205,3 +204,4 @@ def test_smoke_run_writes_the_report(tmp_path, bench):
     assert report["sweep"]["hinton_kd"]["distill"]["changes"] == ["distill.dense.lambda_kd=1.0",
                                                                  "distill.dense.tau_kd=2.0"]
     assert "kd" in report["sweep"]["hinton_kd"]["per_seed"]["0"]["final_train_terms"]
+    assert {"mfd", "cwd", "img"} <= set(report["sweep"]["both_feat10_img"]["per_seed"]["0"]["final_train_terms"])

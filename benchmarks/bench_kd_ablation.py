@@ -141,8 +141,8 @@ SWEEP_KD: dict[str, KDVariant] = {
     "both_dil0": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=0",)),
     "both_dil3": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_dilation=3",)),
     "both_mse": KDVariant(LAMBDA_FEAT, LAMBDA_LOGIT, "compact", ("distill.dense.mfd_normalize=false",)),
-    # both_feat10 + the image level: the Gaussian teacher's neck features separate the flat classes
-    # (a linear probe: terrain 92% recall on val pixels), the plain student's do not (41%).
+    # both_feat10 + the image level: in a linear probe of val pixels (session 7, not committed) the
+    # Gaussian teacher's neck features told terrain and sidewalk apart, the plain student's did not.
     "both_feat10_img": KDVariant(10.0, LAMBDA_LOGIT, "compact", lambda_img=LAMBDA_IMG),
 }
 VARIANTS = tuple(ablation_kd())  # the ablation, in report order

@@ -8,7 +8,13 @@ import torch
 
 from occdistill.geometry import VoxelGrid
 from occdistill.models.dense import BackboneConfig, DenseStudent, DenseStudentConfig, GridConfig
-from occdistill.nn.ground_sample import GroundProjection, GroundSampler, ground_sample, project_ground
+from occdistill.nn.ground_sample import (
+    GroundProjection,
+    GroundSampler,
+    ground_sample,
+    ground_sample_seen,
+    project_ground,
+)
 from occdistill.nn.view_transform import FixedRigPlans
 
 # OpenCV camera axes (x right, y down, z forward) -> ego (x forward, y left, z up).
@@ -92,6 +98,25 @@ def test_cells_seen_by_two_cameras_get_the_mean():
     torch.testing.assert_close(proj.weight[0][:, both], torch.full((2, int(both.sum())), 0.5))
     torch.testing.assert_close(out[both], torch.full((int(both.sum()),), 4.0))
     torch.testing.assert_close(out[only_first], torch.full((int(only_first.sum()),), 2.0))
+
+
+def test_seen_pairs_path_equals_grid_sample_path_with_gradients():
+    """The per-batch path (gathers over the seen pairs) and the fixed-rig path (grid_sample over
+    every cell and camera) give the same values and the same feature gradients."""
+    torch.manual_seed(0)
+    cams = tuple(torch.cat([t, t]) for t in rig(0.0, 30.0))
+    cams[2][1, 1] = camera(-40.0)  # the second sample has another rig
+    proj = project_ground(*cams, GRID, IMAGE, height=0.3)
+    features = torch.randn(2, 2, 5, 4, 8, requires_grad=True)
+    ref = ground_sample(features, proj, GRID.shape[:2])
+    out = ground_sample_seen(features, proj, GRID.shape[:2])
+    torch.testing.assert_close(out, ref)
+    probe = torch.randn_like(ref)
+    (grad_ref,) = torch.autograd.grad((ref * probe).sum(), features)
+    (grad_out,) = torch.autograd.grad((out * probe).sum(), features)
+    torch.testing.assert_close(grad_out, grad_ref)
+    with pytest.raises(ValueError, match="does not fit"):
+        ground_sample_seen(features[:1], proj, GRID.shape[:2])
 
 
 def test_batch_one_projection_serves_a_batch_and_shapes_are_checked():

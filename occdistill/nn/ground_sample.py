@@ -18,8 +18,10 @@ Feature cell (i, j) at stride s looks along input pixel ((j + 1/2) s, (i + 1/2) 
 ``grid_sample(align_corners=False)`` reads at the normalised ``2 u / W - 1``, whatever the stride.
 
 The geometry (:class:`GroundProjection`) is computed per batch in training and once for a fixed
-rig in deployment (:meth:`GroundSampler.set_fixed_rig`); sampling is GridSample, Mul and
-ReduceSum (ONNX opset >= 16; the export needs 17 anyway).
+rig in deployment (:meth:`GroundSampler.set_fixed_rig`). Per batch, :func:`ground_sample_seen`
+samples only the (camera, cell) pairs that see the point (gathers and one index_add); for a fixed
+rig, :func:`ground_sample` samples every cell in every camera with GridSample, Mul and ReduceSum
+(static shapes, ONNX opset >= 16; the export needs 17 anyway). Both give the same numbers.
 
 Shapes: B batch, N cameras, C channels, h w feature map, X Y BEV cells (flattened x-major, as the grid).
 """
@@ -97,6 +99,36 @@ def ground_sample(features: torch.Tensor, proj: GroundProjection, grid_xy: tuple
     return out.view(batch, channels, num_x, num_y)
 
 
+def ground_sample_seen(features: torch.Tensor, proj: GroundProjection, grid_xy: tuple[int, int]) -> torch.Tensor:
+    """:func:`ground_sample` computed only for the (camera, cell) pairs that see the ground point:
+    each camera sees a fraction of the cells, so this reads about N times fewer feature cells than
+    sampling every cell in every camera (the per-batch path; dynamic sizes, so not for export).
+
+    The same numbers as ``grid_sample(border, align_corners=False)``: normalised x -> feature
+    coordinate ``((x + 1) w - 1) / 2`` clamped to [0, w - 1], then the 4 bilinear neighbours."""
+    batch, cams, channels, h, w = features.shape
+    num_x, num_y = grid_xy
+    pb, pn, cells, _ = proj.coords.shape
+    if pn != cams or cells != num_x * num_y or pb != batch:
+        raise ValueError(f"ground projection {tuple(proj.coords.shape)} does not fit features "
+                         f"{tuple(features.shape)} and grid {num_x}x{num_y}")
+    b, n, c = proj.weight.nonzero(as_tuple=True)  # (P,) each: the seen pairs
+    xy = proj.coords[b, n, c]  # (P, 2) normalised
+    fx = (((xy[:, 0] + 1) * w - 1) / 2).clamp(0, w - 1)
+    fy = (((xy[:, 1] + 1) * h - 1) / 2).clamp(0, h - 1)
+    x0, y0 = fx.floor(), fy.floor()
+    ax, ay = (fx - x0)[:, None], (fy - y0)[:, None]  # (P, 1)
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    base = (b * cams + n) * (h * w)  # first feature cell of the pair's camera
+    flat = features.permute(0, 1, 3, 4, 2).reshape(-1, channels)  # (B*N*h*w, C)
+    value = ((flat[base + y0 * w + x0] * (1 - ax) + flat[base + y0 * w + x1] * ax) * (1 - ay)
+             + (flat[base + y1 * w + x0] * (1 - ax) + flat[base + y1 * w + x1] * ax) * ay)  # (P, C)
+    value = value * proj.weight[b, n, c].to(features.dtype)[:, None]
+    out = features.new_zeros(batch * cells, channels).index_add_(0, b * cells + c, value)  # (B*X*Y, C)
+    return out.view(batch, num_x, num_y, channels).permute(0, 3, 1, 2)
+
+
 class GroundSampler(nn.Module):
     """A 1x1 conv from the neck features to C channels, sampled at every BEV cell's ground point.
 
@@ -138,7 +170,8 @@ class GroundSampler(nn.Module):
                 ego_from_cam: torch.Tensor) -> torch.Tensor:
         batch, cams, channels, h, w = features.shape
         x = self.proj(features.reshape(batch * cams, channels, h, w))  # (B*N, C_in, h, w) -> (B*N, C, h, w)
+        x = x.view(batch, cams, -1, h, w)
         proj = self.fixed()
-        if proj is None:
-            proj = self.project(intrinsics, img_from_raw, ego_from_cam)
-        return ground_sample(x.view(batch, cams, -1, h, w), proj, self.grid.shape[:2])
+        if proj is None:  # per batch: only the pairs that see the point
+            return ground_sample_seen(x, self.project(intrinsics, img_from_raw, ego_from_cam), self.grid.shape[:2])
+        return ground_sample(x, proj, self.grid.shape[:2])

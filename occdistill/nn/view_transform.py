@@ -242,6 +242,7 @@ class LSSViewTransformer(nn.Module):
         return FixedRigPlans(pool=self.fixed_pool, ground=self.ground.fixed() if self.ground is not None else None)
 
     def use_plans(self, plans: FixedRigPlans) -> None:
+        """Put both paths on ``plans`` (empty: per-batch geometry for the splat and the ground branch)."""
         self.fixed_pool = plans.pool
         if self.ground is not None:
             self.ground.use_fixed(plans.ground)

@@ -70,10 +70,10 @@ import torch
 from occdistill.deploy.export import synthetic_prior_depth
 from occdistill.deploy.rig import Rig, eval_image_transform, nuscenes_rig
 from occdistill.errors import OccDistillError
-from occdistill.geometry import yaw_transform
+from occdistill.geometry import img_from_ego_matrices, yaw_transform
 from occdistill.models.build import MODEL_KINDS
 from occdistill.models.dense import DenseOutput, DenseStudent
-from occdistill.models.gaussian import GaussianOutput, GaussianTeacher, img_from_ego_matrices
+from occdistill.models.gaussian import GaussianOutput, GaussianTeacher
 from occdistill.models.sparse import SparseOccStudent, SparseOutput
 from occdistill.nn.gaussian_splat import bev_collapse, free_last_to_table, splat_gaussians
 from occdistill.nn.view_transform import FixedRigPlans, camera_parameters

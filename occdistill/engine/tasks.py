@@ -93,8 +93,8 @@ class DenseObjective(Objective):
         # MFD / CWD / KD read a dump's targets or the online teacher's outputs.
         self.target_terms = d is not None and max(d.lambda_feat, d.lambda_logit, d.lambda_kd) > 0
         if self.image_teacher is not None:
-            self.adapters["img"] = EncoderAdapter([model.cfg.neck_channels],
-                                                  [image_feature_channels(self.image_teacher)])
+            # Both kinds' finest level (finest_image_features) has neck_channels channels.
+            self.adapters["img"] = EncoderAdapter([model.cfg.neck_channels], [self.image_teacher.cfg.neck_channels])
         if distill is not None:
             # MFD matches the BEV probability map (K channels) or the teacher's BEV feature.
             channels = classes.num_classes if distill.dense.mfd_target == "bev_prob" else teacher_channels
@@ -302,11 +302,6 @@ def load_teacher(distill: DistillConfig, student: nn.Module) -> nn.Module | None
         raise ConfigError(f"{where}: teacher input {tuple(teacher.cfg.image_size)} differs from the student's "
                           f"{tuple(student.cfg.image_size)} (both read the same loader's images)")
     return freeze(teacher)
-
-
-def image_feature_channels(teacher: nn.Module) -> int:
-    """C of :func:`finest_image_features` of a dense or Gaussian model."""
-    return teacher.cfg.neck_channels
 
 
 def finest_image_features(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ matrices and the voxel grid spec (DESIGN.md section 3). Works on numpy float64 a
 from occdistill.geometry.camera import (
     crop_matrix,
     hflip_matrix,
+    img_from_ego_matrices,
     project,
     resize_matrix,
     rotate_matrix,
@@ -23,7 +24,7 @@ from occdistill.geometry.transforms import (
 )
 
 __all__ = [
-    "OCC3D_GRID", "VoxelGrid", "check_rigid", "crop_matrix", "hflip_matrix", "invert_rigid",
+    "OCC3D_GRID", "VoxelGrid", "check_rigid", "crop_matrix", "hflip_matrix", "img_from_ego_matrices", "invert_rigid",
     "make_transform", "project", "quat_to_rotmat", "resize_matrix", "rotate_matrix",
     "rotmat_to_quat", "transform_from_quat", "transform_points", "unproject", "yaw_transform",
 ]

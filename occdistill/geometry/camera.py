@@ -80,3 +80,13 @@ def rotate_matrix(angle_deg: float, center: tuple[float, float]) -> np.ndarray:
     cx, cy = center
     rot = np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]], dtype=np.float64)
     return crop_matrix(-cx, -cy) @ rot @ crop_matrix(cx, cy)
+
+
+def img_from_ego_matrices(
+    intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor
+) -> torch.Tensor:
+    """(B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) -> (B, N, 3, 4) mapping homogeneous ego points to
+    (u z, v z, z) in network pixels; composed in float64 (calibration precision), returned float32."""
+    k_aug = img_from_raw.double() @ intrinsics.double()
+    cam_from_ego = torch.linalg.inv(ego_from_cam.double())[..., :3, :]
+    return (k_aug @ cam_from_ego).float()

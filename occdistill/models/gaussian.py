@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from occdistill.geometry.camera import img_from_ego_matrices
 from occdistill.geometry.grid import VoxelGrid
 from occdistill.models.dense import BackboneConfig, GridConfig
 from occdistill.nn import DepthBins, ResNet
@@ -204,16 +205,6 @@ class GaussianOutput:
 def _grid_bounds(grid: VoxelGrid, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.as_tensor(grid.lower, dtype=like.dtype, device=like.device),
             torch.as_tensor(grid.upper, dtype=like.dtype, device=like.device))
-
-
-def img_from_ego_matrices(
-    intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor
-) -> torch.Tensor:
-    """(B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) -> (B, N, 3, 4) mapping homogeneous ego points to
-    (u z, v z, z) in network pixels; composed in float64 (calibration precision), returned float32."""
-    k_aug = img_from_raw.double() @ intrinsics.double()
-    cam_from_ego = torch.linalg.inv(ego_from_cam.double())[..., :3, :]
-    return (k_aug @ cam_from_ego).float()
 
 
 def ray_geometry(

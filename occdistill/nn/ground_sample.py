@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from occdistill.geometry import VoxelGrid
+from occdistill.geometry import VoxelGrid, img_from_ego_matrices
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,12 @@ class GroundProjection:
     weight: torch.Tensor
 
 
+def ground_points(grid: VoxelGrid, height: float) -> torch.Tensor:
+    """(4, X*Y) float32 homogeneous ego points: every BEV cell centre (x-major) at ``height`` (m)."""
+    xy = torch.from_numpy(grid.centers()[:, :, 0, :2].reshape(-1, 2).T).float()  # (2, X*Y)
+    return torch.cat([xy, torch.full_like(xy[:1], height), torch.ones_like(xy[:1])])
+
+
 def project_ground(
     intrinsics: torch.Tensor,
     img_from_raw: torch.Tensor,
@@ -56,20 +62,23 @@ def project_ground(
     height: float,
 ) -> GroundProjection:
     """Cameras (B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4) -> the projection of every BEV cell centre
-    at ``height`` (m, ego frame). The 3x4 camera matrices are composed in float64 (the
-    calibration's precision); the per-cell product runs in float32."""
-    img_h, img_w = image_size
-    num_x, num_y, _ = grid.shape
-    sx, sy = grid.voxel_size[0], grid.voxel_size[1]
-    device = intrinsics.device
-    xs = grid.range[0] + (torch.arange(num_x, dtype=torch.float32, device=device) + 0.5) * sx
-    ys = grid.range[1] + (torch.arange(num_y, dtype=torch.float32, device=device) + 0.5) * sy
-    gx, gy = torch.meshgrid(xs, ys, indexing="ij")  # (X, Y) each, cell [x, y]
-    cells = torch.stack([gx, gy, torch.full_like(gx, height), torch.ones_like(gx)]).reshape(4, -1)  # (4, X*Y)
+    at ``height`` (m, ego frame)."""
+    points = ground_points(grid, height).to(intrinsics.device)
+    return project_points(intrinsics, img_from_raw, ego_from_cam, points, image_size)
 
-    cam_from_ego = torch.linalg.inv(ego_from_cam.double())[..., :3, :]  # (B, N, 3, 4)
-    img_from_ego = (img_from_raw.double() @ intrinsics.double() @ cam_from_ego).float()  # (B, N, 3, 4)
-    pix = img_from_ego @ cells  # (B, N, 3, X*Y)
+
+def project_points(
+    intrinsics: torch.Tensor,
+    img_from_raw: torch.Tensor,
+    ego_from_cam: torch.Tensor,
+    points: torch.Tensor,
+    image_size: tuple[int, int],
+) -> GroundProjection:
+    """:func:`project_ground` of given homogeneous ego points (4, X*Y) (:func:`ground_points`,
+    which :class:`GroundSampler` builds once). The 3x4 camera matrices are composed in float64
+    (the calibration's precision); the per-point product runs in float32."""
+    img_h, img_w = image_size
+    pix = img_from_ego_matrices(intrinsics, img_from_raw, ego_from_cam) @ points  # (B, N, 3, X*Y)
     z = pix[:, :, 2]
     safe_z = torch.where(z > 0, z, torch.ones_like(z))
     u, v = pix[:, :, 0] / safe_z, pix[:, :, 1] / safe_z  # (B, N, X*Y) input pixels
@@ -141,14 +150,16 @@ class GroundSampler(nn.Module):
                  height: float):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, out_channels, 1)
-        self.grid, self.image_size, self.height = grid, tuple(image_size), height
+        self.grid, self.image_size = grid, tuple(image_size)
+        # Built once: the cell centres are fixed, only the cameras change per batch.
+        self.register_buffer("points", ground_points(grid, height), persistent=False)
         # Buffers (they follow .to()) outside the state dict: derived from the calibration, not learned.
         self.register_buffer("fixed_coords", None, persistent=False)
         self.register_buffer("fixed_weight", None, persistent=False)
 
     def project(self, intrinsics: torch.Tensor, img_from_raw: torch.Tensor,
                 ego_from_cam: torch.Tensor) -> GroundProjection:
-        return project_ground(intrinsics, img_from_raw, ego_from_cam, self.grid, self.image_size, self.height)
+        return project_points(intrinsics, img_from_raw, ego_from_cam, self.points, self.image_size)
 
     @torch.no_grad()
     def set_fixed_rig(self, intrinsics: torch.Tensor, img_from_raw: torch.Tensor, ego_from_cam: torch.Tensor) -> None:
